@@ -1,0 +1,47 @@
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+# Set-up and the two entry points of the README: `make demo` and `make test`.
+# `make install` is idempotent: system packages and the virtualenv are only touched when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(EXTRAS)
+EXTRAS ?= dev
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev slurm-wlm munge
+PYTEST_ARGS ?=
+
+.PHONY: install system-packages demo test lint clean
+
+install: system-packages $(STAMP)
+
+# Build dependencies of FFCV and the local SLURM test cluster (Debian). Only as root, only what is missing.
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "apt-get install $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "warning: missing system packages ($$missing); install them as root (apt-get install $$missing)"; \
+	  fi; \
+	fi
+
+# torch comes from PyPI (the CUDA build, which also runs on CPU); torchvision needs exactly that build.
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | { grep -v "is ignored" || true; }
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" 2>&1 | { grep -v "is ignored" || true; }
+	$(BIN)/python -c "import torch, torchvision, faiss, omegaconf, advcl_dist; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $@
+
+demo: install
+	$(BIN)/python tools/pretrain.py --config configs/demo.yaml
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

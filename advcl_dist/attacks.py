@@ -1,0 +1,47 @@
+"""Projected gradient descent in L∞ for any differentiable objective.
+
+One PGD serves pretraining (contrastive and pseudo-label objectives), finetuning and
+evaluation. The perturbation and its arithmetic stay float32 even when the objective
+runs under autocast: the input leaf is float32, so its gradient is too.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PGDResult:
+    x_adv: torch.Tensor  # detached, float32 (float64 for float64 x), within the ε-ball around x and [0, 1]
+    initial_loss: torch.Tensor  # objective at the starting point (detached scalar)
+    last_loss: torch.Tensor  # objective at the input of the last step (detached scalar)
+
+
+def pgd(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float, step_size: float,
+        steps: int, random_start: bool = True, generator: torch.Generator | None = None) -> PGDResult:
+    """Maximise `objective(x_adv)` (a scalar) by `steps` signed-gradient steps of `step_size`.
+
+    Each step is projected onto the L∞ ball of radius `eps` around `x` and clamped to
+    [0, 1]. The random start is uniform in the ball (then clamped). Gradients reach
+    only the input: parameters' `.grad` are untouched.
+    """
+    x = x.detach().to(torch.promote_types(x.dtype, torch.float32))  # never below fp32
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = (x + (2 * noise - 1) * eps).clamp(0, 1)
+    else:
+        x_adv = x.clone()
+    initial = last = x.new_zeros(())
+    for step in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            loss = objective(x_adv)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        last = loss.detach().float()
+        if step == 0:
+            initial = last
+        x_adv = x_adv.detach() + step_size * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return PGDResult(x_adv.detach(), initial, last)

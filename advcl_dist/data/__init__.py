@@ -1,0 +1,13 @@
+"""Datasets and the deterministic, rank-sharded loader."""
+
+from advcl_dist.data.datasets import DATASETS, DatasetNotFoundError, get_dataset
+from advcl_dist.data.loader import IndexedDataset, ShardedSampler, build_loader
+
+__all__ = [
+    "DATASETS",
+    "DatasetNotFoundError",
+    "IndexedDataset",
+    "ShardedSampler",
+    "build_loader",
+    "get_dataset",
+]

@@ -1,0 +1,201 @@
+"""Datasets of ``(uint8 [3,H,W] image, int label)`` in a fixed order, so that an index names one image.
+
+Augmentation is not done here: it runs later, batched on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import CIFAR10, CIFAR100, STL10, ImageFolder
+from torchvision.io import ImageReadMode, decode_image
+
+DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagefolder")
+
+SPLITS = {
+    "digits": ("train", "test"),
+    "cifar10": ("train", "test"),
+    "cifar100": ("train", "test"),
+    "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
+    "imagefolder": ("train", "test"),
+}
+
+DIGITS_TEST_SIZE = 360
+DIGITS_SIZE = 32
+
+# Formats torchvision.io.decode_image reads; anything else goes through PIL.
+_NATIVE_DECODE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """Data missing on disk; raised by get_dataset so that a bad path fails before training starts."""
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images ``[N,3,H,W]`` uint8 with int64 labels (``-1`` = unlabeled)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str] | None = None):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images [N,3,H,W], got {images.dtype} {tuple(images.shape)}")
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        # A contiguous copy: callers may modify it, and the STL-10 storage is a strided view.
+        image = self.images[index].clone(memory_format=torch.contiguous_format)
+        return image, int(self.labels[index])
+
+
+class ImageFolderDataset(ImageFolder):
+    """ImageFolder that yields uint8 RGB tensors at native size."""
+
+    def __init__(self, root: str | Path):
+        super().__init__(str(root), loader=read_rgb)
+
+
+def read_rgb(path: str) -> torch.Tensor:
+    """Decode an image file to uint8 ``[3,H,W]`` RGB (grey and alpha are converted)."""
+    if path.lower().endswith(_NATIVE_DECODE_SUFFIXES):
+        return decode_image(path, mode=ImageReadMode.RGB)
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _without_md5(files: list[list[str]]) -> list[list[str | None]]:
+    return [[name, None] for name, _ in files]
+
+
+# torchvision checks md5 on every read; these readers only check that the files exist (md5=None), so that
+# md5 is verified once, at download time, by the original classes.
+class _CIFAR10Reader(CIFAR10):
+    train_list = _without_md5(CIFAR10.train_list)
+    test_list = _without_md5(CIFAR10.test_list)
+    meta = {**CIFAR10.meta, "md5": None}
+
+
+class _CIFAR100Reader(CIFAR100):
+    train_list = _without_md5(CIFAR100.train_list)
+    test_list = _without_md5(CIFAR100.test_list)
+    meta = {**CIFAR100.meta, "md5": None}
+
+
+class _STL10Reader(STL10):
+    train_list = _without_md5(STL10.train_list)
+    test_list = _without_md5(STL10.test_list)
+
+
+def get_dataset(name: str, split: str, root: str | Path | None = None, download: bool = False) -> Dataset:
+    """Return the ``(image, label)`` dataset ``name``/``split``; missing data raises DatasetNotFoundError."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if split not in SPLITS[name]:
+        valid = ", ".join(SPLITS[name])
+        raise ValueError(f"unknown split {split!r} for dataset {name!r}; valid splits: {valid}")
+    if name == "digits":
+        return _digits(split)
+    if name == "cifar10":
+        return _cifar(CIFAR10, _CIFAR10Reader, "CIFAR-10", split, root, download)
+    if name == "cifar100":
+        return _cifar(CIFAR100, _CIFAR100Reader, "CIFAR-100", split, root, download)
+    if name == "stl10":
+        return _stl10(split, root, download)
+    return _imagefolder(split, root)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_all() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """All 1797 digits as uint8 [N,3,32,32], their labels, and the fixed split permutation."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    small = torch.from_numpy(digits.images).to(torch.float32).unsqueeze(1) * (255.0 / 16.0)
+    big = F.interpolate(small, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    images = big.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(digits.target).to(torch.int64)
+    perm = np.random.default_rng(0).permutation(len(images))
+    return images, labels, perm
+
+
+def _digits(split: str) -> TensorImageDataset:
+    images, labels, perm = _digits_all()
+    chosen = perm[-DIGITS_TEST_SIZE:] if split == "test" else perm[:-DIGITS_TEST_SIZE]
+    chosen = torch.from_numpy(chosen)
+    return TensorImageDataset(images[chosen], labels[chosen], classes=[str(d) for d in range(10)])
+
+
+def _require_root(title: str, root: str | Path | None, folder: str) -> Path:
+    if root is None:
+        raise DatasetNotFoundError(
+            f"{title} needs a data root, but none was given. Set data.root to the folder that "
+            f"contains {folder}."
+        )
+    return Path(root).expanduser()
+
+
+def _require_files(title: str, folder: Path, files: list[str], fix: str) -> None:
+    """Fail now, naming the first missing path, rather than deep inside torchvision or at the first item."""
+    if not folder.is_dir():
+        raise DatasetNotFoundError(f"{title} not found: {folder} does not exist. {fix}")
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise DatasetNotFoundError(f"{title} incomplete: {path} does not exist. {fix}")
+
+
+def _download_fix(folder: str) -> str:
+    return (
+        f"Set data.root to the folder that contains {folder}, or set data.download=true to download it there."
+    )
+
+
+def _cifar(original, reader, title: str, split: str, root, download: bool) -> TensorImageDataset:
+    root = _require_root(title, root, reader.base_folder)
+    train = split == "train"
+    if download:
+        original(str(root), train=train, download=True)
+    files = [name for name, _ in reader.train_list + reader.test_list] + [reader.meta["filename"]]
+    _require_files(title, root / reader.base_folder, files, _download_fix(reader.base_folder))
+    data = reader(str(root), train=train)
+    images = torch.from_numpy(np.ascontiguousarray(data.data.transpose(0, 3, 1, 2)))
+    labels = torch.as_tensor(data.targets, dtype=torch.int64)
+    return TensorImageDataset(images, labels, classes=list(data.classes))
+
+
+def _stl10(split: str, root, download: bool) -> TensorImageDataset:
+    title = "STL-10"
+    root = _require_root(title, root, _STL10Reader.base_folder)
+    if download:
+        # The split read here only verifies the download; "test" is the smallest one that checks all files.
+        STL10(str(root), split="test", download=True)
+    files = [name for name, _ in _STL10Reader.train_list + _STL10Reader.test_list]
+    _require_files(title, root / _STL10Reader.base_folder, files, _download_fix(_STL10Reader.base_folder))
+    data = _STL10Reader(str(root), split=split)
+    # data.data is already [N,3,96,96] (a transposed view); it stays a view to avoid copying 2.7 GB.
+    images = torch.from_numpy(data.data)
+    labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
+    return TensorImageDataset(images, labels, classes=getattr(data, "classes", None))
+
+
+def _imagefolder(split: str, root) -> ImageFolderDataset:
+    title = "ImageFolder"
+    root = _require_root(title, root, "train/ and test/ (one subfolder per class in each)")
+    folder = root / split
+    fix = f"Set data.root to the folder that contains {split}/, laid out as {split}/<class>/<image files>."
+    _require_files(title, folder, [], fix)
+    try:
+        return ImageFolderDataset(folder)
+    except FileNotFoundError as err:  # no class folders, or no images in them
+        raise DatasetNotFoundError(f"{title} has no images under {folder}: {err} {fix}") from err

@@ -1,0 +1,176 @@
+"""Deterministic, resumable, rank-sharded loading of uint8 image batches.
+
+The order of every epoch depends only on (seed, epoch), so all ranks agree on it and a resumed run replays it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2 import functional as TF
+
+
+class IndexedDataset(Dataset):
+    """Yields ``(image uint8 [3,S,S], label, index)``; the index lets callers key per-sample state."""
+
+    def __init__(self, dataset: Dataset, image_size: int | None = None):
+        self.dataset = dataset
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        image, label = self.dataset[index]
+        if self.image_size is not None:
+            image = resize_center_crop(image, self.image_size)
+        return image, int(label), index
+
+
+def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to ``size``, then a central square crop, so that variable-size images batch together."""
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
+    image = TF.resize(image, [size], antialias=True)
+    return TF.center_crop(image, [size, size])
+
+
+class ShardedSampler(Sampler[int]):
+    """Per-rank share of a (seed + epoch)-seeded permutation, padded or truncated like DistributedSampler."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ):
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        self.num_samples = num_samples
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples this rank gets in a full epoch (no skip)."""
+        if self.drop_last:
+            return self.num_samples // self.world_size
+        return math.ceil(self.num_samples / self.world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order; skip this rank's first ``start`` samples until the next set_epoch."""
+        if not 0 <= start <= self.samples_per_rank:
+            raise ValueError(f"start must be in [0, {self.samples_per_rank}], got {start}")
+        self.epoch = epoch
+        self.start = start
+
+    def rank_indices(self) -> list[int]:
+        """This rank's full list for the current epoch, ignoring ``start``."""
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        total = self.samples_per_rank * self.world_size
+        if total <= len(order):
+            order = order[:total]
+        else:
+            repeats = math.ceil(total / len(order))
+            order = order.repeat(repeats)[:total]
+        return order[self.rank :: self.world_size].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.rank_indices()[self.start :])
+
+    def __len__(self) -> int:
+        return self.samples_per_rank - self.start
+
+
+def collate(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack into images uint8 [B,3,S,S], labels int64 [B], indices int64 [B]."""
+    images, labels, indices = zip(*batch)
+    return (
+        torch.stack(images),
+        torch.tensor(labels, dtype=torch.int64),
+        torch.tensor(indices, dtype=torch.int64),
+    )
+
+
+class Loader:
+    """A DataLoader over a ShardedSampler that can resume mid-epoch without reading the skipped batches."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, sampler: ShardedSampler, dataloader: DataLoader):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.sampler = sampler
+        self.drop_last = dataloader.drop_last
+        self._dataloader = dataloader
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of a full epoch on this rank, ignoring any skip."""
+        samples = self.sampler.samples_per_rank
+        return samples // self.batch_size if self.drop_last else math.ceil(samples / self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch; skip its first ``start_batch`` batches (resume)."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch must be in [0, {self.batches_per_epoch}], got {start_batch}")
+        self.sampler.set_epoch(epoch, start=min(start_batch * self.batch_size, self.sampler.samples_per_rank))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return iter(self._dataloader)
+
+    def __len__(self) -> int:
+        return len(self._dataloader)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    drop_last: bool,
+    workers: int = 0,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    image_size: int | None = None,
+    pin_memory: bool | None = None,
+) -> Loader:
+    """Per-rank loader of ``(images, labels, indices)`` batches; ``batch_size`` is per rank."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sampler = ShardedSampler(
+        len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last
+    )
+    # Workers' base seed is drawn from this generator, so the global RNG of the main process is not touched.
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    dataloader = DataLoader(
+        IndexedDataset(dataset, image_size=image_size),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+        generator=generator,
+    )
+    return Loader(dataset, batch_size, sampler, dataloader)

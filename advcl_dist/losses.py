@@ -1,0 +1,61 @@
+"""Losses: multi-view NT-Xent (SupCon "all" form) and the pseudo-label ensemble CE.
+
+Reductions run in float32 whatever the autocast dtype of the embeddings.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows (autograd flows back to the owner) and this rank's row offset."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    import torch.distributed.nn.functional as dist_nn
+
+    parts = dist_nn.all_gather(x)
+    return torch.cat(parts), dist.get_rank() * x.shape[0]
+
+
+def multiview_nt_xent(z: torch.Tensor, temperature: float = 0.5, gather: bool = False) -> torch.Tensor:
+    """Mean over all B·V anchors of −(1/(V−1)) Σ_positives log softmax over all other embeddings.
+
+    `z` [B, V, D]: V views of B samples (L2-normalised here). The positives of an anchor are
+    the other V−1 views of its sample. With `gather=True` under torch.distributed the
+    contrast set is the global batch while anchors stay local (every rank must pass the
+    same B), so the mean of per-rank losses equals the loss on the concatenated batch.
+    """
+    if z.dim() != 3 or z.shape[1] < 2:
+        raise ValueError(f"z must be [B, V>=2, D], got {tuple(z.shape)}")
+    b, v, _ = z.shape
+    anchors = F.normalize(z.float(), dim=-1).reshape(b * v, -1)
+    contrast, offset = _gather_with_grad(anchors) if gather else (anchors, 0)
+    logits = anchors @ contrast.T / temperature
+    rows = torch.arange(b * v, device=z.device)
+    cols = torch.arange(contrast.shape[0], device=z.device)
+    self_mask = cols[None, :] == (rows + offset)[:, None]
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = ((cols[None, :] // v) == ((rows + offset) // v)[:, None]) & ~self_mask
+    pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1) / (v - 1)
+    return -pos_log_prob.mean()
+
+
+def pseudo_label_ce(logits: Sequence[torch.Tensor], labels: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+    """Mean over the K heads of the cross-entropy against each head's pseudo-labels.
+
+    `labels` [B, len(logits)]; rows equal to `ignore_index` do not count. A head whose
+    labels are all ignored contributes 0 instead of NaN.
+    """
+    if labels.dim() != 2 or labels.shape[1] != len(logits):
+        raise ValueError(f"labels must be [B, {len(logits)}] (one column per head), got {tuple(labels.shape)}")
+    total = logits[0].new_zeros((), dtype=torch.float32)
+    for k, head_logits in enumerate(logits):
+        target = labels[:, k].long()
+        summed = F.cross_entropy(head_logits.float(), target, ignore_index=ignore_index, reduction="sum")
+        total = total + summed / (target != ignore_index).sum().clamp(min=1)
+    return total / len(logits)

@@ -1,0 +1,97 @@
+"""AdvCL (Fan et al., NeurIPS 2021): robustness-aware views + pseudo-label supervision.
+
+Per batch: the lightly augmented x, two SimCLR views t1/t2 and the high-frequency view
+x_h of x; δ maximises the four-view contrastive loss of (x+δ, t1, t2, x_h) through the
+`pgd` BN branch; with pseudo-labels, δ_ce maximises their mean CE through `pgd_ce`. The
+training forward runs all views in one pass: L = L_con + λ · mean_K CE_K(x + δ_ce).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..attacks import pgd
+from ..data.augment import crop_flip_view
+from ..losses import pseudo_label_ce
+from ..models import views_plan
+from ..views import high_frequency
+from .base import Method, StepOutput, register, split_views
+from .simclr import simclr_views
+
+
+def load_pseudo_labels(path: str | Path, num_samples: int, ks) -> np.ndarray:
+    """Read pseudo_labels.npy and check it lines up with the dataset and the heads."""
+    labels = np.load(path)
+    if labels.ndim != 2 or labels.shape != (num_samples, len(ks)):
+        raise ValueError(f"pseudo.labels {path}: shape {labels.shape}, expected ({num_samples}, {len(ks)}) — "
+                         f"one row per dataset index and one column per K in pseudo.ks={list(ks)}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"pseudo.labels {path}: dtype {labels.dtype}, expected integers")
+    for col, k in enumerate(ks):
+        bad = (labels[:, col] < -1) | (labels[:, col] >= k)
+        if bad.any():
+            raise ValueError(f"pseudo.labels {path}: column {col} (K={k}) has labels outside [-1, {k - 1}]")
+    return labels
+
+
+@register("advcl")
+class AdvCL(Method):
+    branches = ("normal", "pgd", "pgd_ce")
+
+    def __init__(self, cfg, num_samples, device):
+        super().__init__(cfg, num_samples, device)
+        self.pseudo_labels = None
+        if cfg.pseudo.labels is not None:
+            labels = load_pseudo_labels(cfg.pseudo.labels, num_samples, cfg.pseudo.ks)
+            self.pseudo_labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+
+    def pseudo_ks(self):
+        return tuple(self.cfg.pseudo.ks) if self.pseudo_labels is not None else ()
+
+    def _pgd(self, objective, x, generator):
+        a = self.cfg.attack
+        return pgd(objective, x, a.eps, a.step_size, a.steps, a.random_start, generator)
+
+    def contrastive_attack(self, model, x, clean_views, generator):
+        """δ on the four-view loss; the clean views' projections are computed once, not every step."""
+        b = x.shape[0]
+        with torch.no_grad():
+            z_clean = split_views(model(clean_views, views_plan(("normal",) * 3, b))["proj"], 3)
+
+        def objective(x_adv):
+            z_adv = model(x_adv, (("pgd", b),))["proj"]
+            return self.contrastive(torch.cat([z_adv[:, None], z_clean], dim=1))
+
+        return self._pgd(objective, x, generator)
+
+    def pseudo_attack(self, model, x, labels, generator):
+        """δ_ce on the mean pseudo-label CE, through the `pgd_ce` branch."""
+        b = x.shape[0]
+        return self._pgd(lambda x_adv: pseudo_label_ce(model(x_adv, (("pgd_ce", b),))["pseudo_logits"], labels),
+                         x, generator)
+
+    def training_step(self, model, images, indices, generator, attack_model=None) -> StepOutput:
+        attack_model = attack_model or model
+        v, b = self.cfg.views, images.shape[0]
+        x = crop_flip_view(images, generator, size=v.size, padding=v.padding)
+        t1, t2 = simclr_views(images, generator, v)
+        x_h = high_frequency(x, v.hf_radius)
+        adv = self.contrastive_attack(attack_model, x, torch.cat([t1, t2, x_h]), generator)
+        views, branches = [adv.x_adv, t1, t2, x_h], ["pgd", "normal", "normal", "normal"]
+        labels = None
+        if self.pseudo_labels is not None:
+            labels = self.pseudo_labels[indices]
+            views.append(self.pseudo_attack(attack_model, x, labels, generator).x_adv)
+            branches.append("pgd_ce")
+        out = model(torch.cat(views), views_plan(branches, b))
+        loss_con = self.contrastive(split_views(out["proj"][: 4 * b], 4))
+        metrics = {"loss_con": loss_con.detach(), "attack_gain": loss_con.detach() - adv.initial_loss}
+        loss = loss_con
+        if labels is not None:
+            loss_ce = pseudo_label_ce([logits[4 * b:] for logits in out["pseudo_logits"]], labels)
+            loss = loss_con + self.cfg.loss.pseudo_weight * loss_ce
+            metrics["loss_ce"] = loss_ce.detach()
+        metrics["loss"] = loss.detach()
+        return StepOutput(loss, metrics)

@@ -1,0 +1,91 @@
+import json
+import math
+
+import pytest
+import torch
+
+from advcl_dist.config import load_config
+from advcl_dist.engine import CHECKPOINT, Trainer
+from advcl_dist.engine.metrics import NonFiniteLossError
+from advcl_dist.engine.schedule import warmup_cosine
+
+
+def tiny_cfg(out_dir, *extra):
+    return load_config(None, [f"out_dir={out_dir}", "data.name=digits", "data.workers=0", "model.width=4",
+                              "model.proj_dim=16", "train.batch_size=128", "train.epochs=2",
+                              "optim.warmup_epochs=0.5", "optim.lr=0.1", "attack.steps=1", "train.log_every=1",
+                              *extra])
+
+
+def losses(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step):
+    def on_step(trainer, record):
+        if trainer.step == step:
+            raise Crash
+
+    return on_step
+
+
+def test_resume_after_a_crash_continues_with_the_same_losses(tmp_path):
+    """Checkpoint at step 8, crash at step 10 (in epoch 2), resume: steps 9.. match an uninterrupted run."""
+    Trainer(tiny_cfg(tmp_path / "straight", "train.ckpt_every=100")).fit(stop_after_steps=14)
+    cfg = tiny_cfg(tmp_path / "crashed", "train.ckpt_every=8")
+    with pytest.raises(Crash):
+        Trainer(cfg).fit(stop_after_steps=14, on_step=crash_at(10))
+    assert torch.load(tmp_path / "crashed" / CHECKPOINT, weights_only=False)["step"] == 8
+    Trainer(cfg).fit(stop_after_steps=14)
+
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "crashed")
+    assert sorted(resumed) == list(range(1, 15))  # lines of the lost steps 9, 10 were replaced
+    for step in range(1, 15):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), step
+    run = json.loads((tmp_path / "crashed" / "run.json").read_text())
+    assert run["resumed_from_step"] == 8 and run["world_size"] == 1 and run["end"]
+
+
+def test_run_folder_has_config_provenance_checkpoint_metrics_and_events(tmp_path):
+    out = Trainer(tiny_cfg(tmp_path / "run", "train.ckpt_every=2")).fit(stop_after_steps=3)
+    assert load_config(out / "config.yaml").model.width == 4  # the resolved config reloads
+    run = json.loads((out / "run.json").read_text())
+    assert {"world_size", "nodes", "device", "git_commit", "versions", "start", "end"} <= set(run)
+    state = torch.load(out / CHECKPOINT, weights_only=False)
+    assert state["step"] == 3 and not state["finished"]
+    assert list(losses(out)) == [1, 2, 3]
+    assert any((out / "tb").glob("events.out.tfevents.*"))
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    def poison(trainer, record):
+        if trainer.step == 2:
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+
+    trainer = Trainer(tiny_cfg(tmp_path / "nan", "train.ckpt_every=2"))
+    with pytest.raises(NonFiniteLossError, match="non-finite by step 3.*last good checkpoint"):
+        trainer.fit(stop_after_steps=6, on_step=poison)
+    state = torch.load(tmp_path / "nan" / CHECKPOINT, weights_only=False)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_batch_larger_than_the_dataset_is_an_early_error(tmp_path):
+    with pytest.raises(ValueError, match="train.batch_size=4096"):
+        Trainer(tiny_cfg(tmp_path / "big", "train.batch_size=4096"))
+
+
+def test_warmup_cosine_schedule():
+    kw = dict(total_steps=110, warmup_steps=10, lr=0.5, min_lr=5e-4, warmup_start_lr=0.01)
+    assert warmup_cosine(0, **kw) == pytest.approx(0.01)
+    assert warmup_cosine(5, **kw) == pytest.approx(0.01 + 0.49 / 2)
+    assert warmup_cosine(10, **kw) == pytest.approx(0.5)
+    assert warmup_cosine(60, **kw) == pytest.approx(5e-4 + (0.5 - 5e-4) * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert warmup_cosine(110, **kw) == pytest.approx(5e-4)

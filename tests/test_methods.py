@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+
+from advcl_dist.config import load_config
+from advcl_dist.losses import multiview_nt_xent
+from advcl_dist.methods import METHODS, build_method
+from advcl_dist.methods.advcl import load_pseudo_labels
+from advcl_dist.views import high_frequency
+
+B = 8
+
+
+def method_and_model(*overrides):
+    cfg = load_config(None, ["data.name=digits", "model.width=4", "model.proj_dim=16", "attack.steps=3",
+                             "pseudo.ks=[2,3]", *overrides])
+    method = build_method(cfg, 100, torch.device("cpu"))
+    torch.manual_seed(0)
+    return cfg, method, method.build_model().double()
+
+
+def test_methods_are_registered_by_name():
+    assert {"advcl", "simclr"} <= set(METHODS)
+
+
+def reference_contrastive_attack(model, x, t1, t2, x_h, cfg, generator):
+    """The authors' algorithm: every PGD step re-forwards each view separately (BN in train mode)."""
+    a = cfg.attack
+    noise = torch.rand(x.shape, generator=generator, dtype=x.dtype)
+    x_adv = (x + (2 * noise - 1) * a.eps).clamp(0, 1)
+    for _ in range(a.steps):
+        x_adv.requires_grad_(True)
+        z = [model(x_adv, (("pgd", B),))["proj"]] + [model(v, (("normal", B),))["proj"] for v in (t1, t2, x_h)]
+        loss = multiview_nt_xent(torch.stack(z, dim=1), cfg.loss.temperature)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + a.step_size * grad.sign(), x - a.eps), x + a.eps).clamp(0, 1)
+    return x_adv
+
+
+def test_clean_projections_computed_once_leave_the_attack_unchanged():
+    cfg, method, model = method_and_model()
+    x = torch.rand(B, 3, 32, 32, dtype=torch.float64)
+    t1, t2 = torch.rand_like(x), torch.rand_like(x)
+    x_h = high_frequency(x)
+    ours = method.contrastive_attack(model, x, torch.cat([t1, t2, x_h]), torch.Generator().manual_seed(3))
+    reference = reference_contrastive_attack(model, x, t1, t2, x_h, cfg, torch.Generator().manual_seed(3))
+    assert torch.allclose(ours.x_adv.double(), reference, atol=1e-6)
+    assert (ours.x_adv - x).abs().max() <= cfg.attack.eps + 1e-6
+
+
+def test_advcl_step_with_pseudo_labels(tmp_path):
+    labels = np.stack([np.arange(100) % 2, np.arange(100) % 3], axis=1).astype(np.int32)
+    np.save(tmp_path / "pl.npy", labels)
+    cfg, method, model = method_and_model(f"pseudo.labels={tmp_path / 'pl.npy'}")
+    model = model.float()
+    images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)
+    out = method.training_step(model, images, torch.arange(B) * 7, torch.Generator().manual_seed(0))
+    m = out.metrics
+    assert set(m) == {"loss", "loss_con", "loss_ce", "attack_gain"}
+    assert out.loss.item() == pytest.approx(m["loss_con"].item() + 0.2 * m["loss_ce"].item(), rel=1e-5)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.pseudo_heads.parameters())
+    # the pgd_ce branch saw exactly the attack's steps plus the training forward
+    assert model.encoder.bn1.bns["pgd_ce"].num_batches_tracked.item() == cfg.attack.steps + 1
+
+
+def test_advcl_without_pseudo_labels_has_no_ce_term():
+    cfg, method, model = method_and_model()
+    assert len(model.pseudo_heads) == 0
+    out = method.training_step(model.float(), torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8),
+                               torch.arange(B), torch.Generator().manual_seed(0))
+    assert "loss_ce" not in out.metrics and torch.isfinite(out.loss)
+    assert out.metrics["attack_gain"] > 0  # the attack raised the contrastive loss
+
+
+def test_simclr_step_uses_two_views_and_only_the_normal_branch():
+    cfg, method, model = method_and_model("train.method=simclr")
+    out = method.training_step(model.float(), torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8),
+                               torch.arange(B), torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert list(model.encoder.bn1.bns) == ["normal"]
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("array,match", [(np.zeros((99, 2), np.int32), "shape"),
+                                         (np.zeros((100, 2), np.float32), "dtype"),
+                                         (np.full((100, 2), 2, np.int32), "K=2")])
+def test_bad_pseudo_label_files_are_named(tmp_path, array, match):
+    np.save(tmp_path / "pl.npy", array)
+    with pytest.raises(ValueError, match=match):
+        load_pseudo_labels(tmp_path / "pl.npy", 100, [2, 3])
