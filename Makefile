@@ -5,8 +5,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(EXTRAS)
 EXTRAS ?= dev
+STAMP := $(VENV)/.installed-$(EXTRAS)
 APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev slurm-wlm munge
 PYTEST_ARGS ?=
 
@@ -16,7 +16,7 @@ install: system-packages $(STAMP)
 
 # Build dependencies of FFCV and the local SLURM test cluster (Debian). Only as root, only what is missing.
 system-packages:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || printf '%s ' $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "apt-get install $$missing"; \

@@ -1,6 +1,6 @@
 """Losses: multi-view NT-Xent (SupCon "all" form) and the pseudo-label ensemble CE.
 
-Reductions run in float32 whatever the autocast dtype of the embeddings.
+Reductions run in float32 (float64 for float64 inputs) whatever the autocast dtype of the embeddings.
 """
 from __future__ import annotations
 
@@ -11,14 +11,36 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows, concatenated in rank order; the backward hands each rank the summed gradient of its rows.
+
+    Written here because torch.distributed.nn's autograd all_gather is deprecated; all_reduce (not
+    reduce_scatter) keeps it working on gloo, and the tensor is small (B·V·D).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+
+
 def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All ranks' rows (autograd flows back to the owner) and this rank's row offset."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    import torch.distributed.nn.functional as dist_nn
-
-    parts = dist_nn.all_gather(x)
-    return torch.cat(parts), dist.get_rank() * x.shape[0]
+    return _GatherRows.apply(x), dist.get_rank() * x.shape[0]
 
 
 def multiview_nt_xent(z: torch.Tensor, temperature: float = 0.5, gather: bool = False) -> torch.Tensor:
@@ -31,18 +53,19 @@ def multiview_nt_xent(z: torch.Tensor, temperature: float = 0.5, gather: bool = 
     """
     if z.dim() != 3 or z.shape[1] < 2:
         raise ValueError(f"z must be [B, V>=2, D], got {tuple(z.shape)}")
-    b, v, _ = z.shape
-    anchors = F.normalize(z.float(), dim=-1).reshape(b * v, -1)
-    contrast, offset = _gather_with_grad(anchors) if gather else (anchors, 0)
-    logits = anchors @ contrast.T / temperature
-    rows = torch.arange(b * v, device=z.device)
-    cols = torch.arange(contrast.shape[0], device=z.device)
-    self_mask = cols[None, :] == (rows + offset)[:, None]
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positives = ((cols[None, :] // v) == ((rows + offset) // v)[:, None]) & ~self_mask
-    pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1) / (v - 1)
-    return -pos_log_prob.mean()
+    with torch.autocast(z.device.type, enabled=False):  # the similarity matmul too stays fp32
+        b, v, _ = z.shape
+        anchors = F.normalize(_at_least_fp32(z), dim=-1).reshape(b * v, -1)
+        contrast, offset = _gather_with_grad(anchors) if gather else (anchors, 0)
+        logits = anchors @ contrast.T / temperature
+        rows = torch.arange(b * v, device=z.device)
+        cols = torch.arange(contrast.shape[0], device=z.device)
+        self_mask = cols[None, :] == (rows + offset)[:, None]
+        logits = logits.masked_fill(self_mask, float("-inf"))
+        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        positives = ((cols[None, :] // v) == ((rows + offset) // v)[:, None]) & ~self_mask
+        pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1) / (v - 1)
+        return -pos_log_prob.mean()
 
 
 def pseudo_label_ce(logits: Sequence[torch.Tensor], labels: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
@@ -53,9 +76,9 @@ def pseudo_label_ce(logits: Sequence[torch.Tensor], labels: torch.Tensor, ignore
     """
     if labels.dim() != 2 or labels.shape[1] != len(logits):
         raise ValueError(f"labels must be [B, {len(logits)}] (one column per head), got {tuple(labels.shape)}")
-    total = logits[0].new_zeros((), dtype=torch.float32)
+    total = _at_least_fp32(logits[0].new_zeros(()))
     for k, head_logits in enumerate(logits):
         target = labels[:, k].long()
-        summed = F.cross_entropy(head_logits.float(), target, ignore_index=ignore_index, reduction="sum")
+        summed = F.cross_entropy(_at_least_fp32(head_logits), target, ignore_index=ignore_index, reduction="sum")
         total = total + summed / (target != ignore_index).sum().clamp(min=1)
     return total / len(logits)

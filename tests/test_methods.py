@@ -89,3 +89,22 @@ def test_bad_pseudo_label_files_are_named(tmp_path, array, match):
     np.save(tmp_path / "pl.npy", array)
     with pytest.raises(ValueError, match=match):
         load_pseudo_labels(tmp_path / "pl.npy", 100, [2, 3])
+
+
+def test_advcl_step_under_bf16_autocast_keeps_fp32_loss_and_perturbation():
+    cfg, method, model = method_and_model()
+    model = model.float()
+    images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)
+    seen = {}
+    original = method.contrastive_attack
+
+    def spy(*args, **kwargs):
+        seen["attack"] = original(*args, **kwargs)
+        return seen["attack"]
+
+    method.contrastive_attack = spy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = method.training_step(model, images, torch.arange(B), torch.Generator().manual_seed(0))
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert seen["attack"].x_adv.dtype == torch.float32
+    out.loss.backward()

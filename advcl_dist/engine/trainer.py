@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, to_yaml
+from ..config import Config, ConfigError, to_yaml
 from ..data import build_loader, get_dataset
 from ..distributed import DistInfo, init_distributed, node_names
 from ..methods import Method, build_method
@@ -41,13 +41,13 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         t = cfg.train
         if t.batch_size % self.dist.world_size:
-            raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {self.dist.world_size} ranks")
+            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {self.dist.world_size} ranks")
         self.dataset = get_dataset(cfg.data.name, cfg.data.split, cfg.data.root, cfg.data.download)
         self.loader = build_loader(self.dataset, t.batch_size // self.dist.world_size, shuffle=True, drop_last=True,
                                    workers=cfg.data.workers, seed=t.seed, rank=self.dist.rank,
                                    world_size=self.dist.world_size, image_size=cfg.data.image_size)
         if self.loader.batches_per_epoch == 0:
-            raise ValueError(f"train.batch_size={t.batch_size} is larger than the {len(self.dataset)} training images")
+            raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(self.dataset)} training images")
         self.method: Method = build_method(cfg, len(self.dataset), self.device)
         torch.manual_seed(t.seed)
         self.model = self.method.build_model().to(self.device)
@@ -108,6 +108,8 @@ class Trainer:
             print(f"[pretrain] {cfg.train.method} on {cfg.data.name}: {len(self.dataset)} images, "
                   f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, device {self.device}"
                   + (f", resumed at step {self.step}" if resumed else "") + f" → {self.out}", flush=True)
+            if self.step >= self.total_steps:
+                print(f"[pretrain] already finished ({self.checkpoint_path}); nothing to do", flush=True)
         logger = MetricLogger(self.out, self.total_steps, self.step, cfg.train.batch_size, enabled=main)
         try:
             self._loop(logger, stop_after_steps, on_step)

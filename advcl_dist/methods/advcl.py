@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..attacks import pgd
+from ..config import ConfigError
 from ..data.augment import crop_flip_view
 from ..losses import pseudo_label_ce
 from ..models import views_plan
@@ -25,14 +26,14 @@ def load_pseudo_labels(path: str | Path, num_samples: int, ks) -> np.ndarray:
     """Read pseudo_labels.npy and check it lines up with the dataset and the heads."""
     labels = np.load(path)
     if labels.ndim != 2 or labels.shape != (num_samples, len(ks)):
-        raise ValueError(f"pseudo.labels {path}: shape {labels.shape}, expected ({num_samples}, {len(ks)}) — "
+        raise ConfigError(f"pseudo.labels {path}: shape {labels.shape}, expected ({num_samples}, {len(ks)}) — "
                          f"one row per dataset index and one column per K in pseudo.ks={list(ks)}")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"pseudo.labels {path}: dtype {labels.dtype}, expected integers")
+        raise ConfigError(f"pseudo.labels {path}: dtype {labels.dtype}, expected integers")
     for col, k in enumerate(ks):
         bad = (labels[:, col] < -1) | (labels[:, col] >= k)
         if bad.any():
-            raise ValueError(f"pseudo.labels {path}: column {col} (K={k}) has labels outside [-1, {k - 1}]")
+            raise ConfigError(f"pseudo.labels {path}: column {col} (K={k}) has labels outside [-1, {k - 1}]")
     return labels
 
 

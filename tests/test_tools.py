@@ -1,0 +1,42 @@
+"""The pretraining CLI as a user runs it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.name=digits", "model.width=4", "model.proj_dim=16", "train.batch_size=256", "train.epochs=1",
+        "optim.warmup_epochs=0", "attack.steps=1", "train.log_every=2"]
+
+
+def pretrain(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "pretrain.py"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
+def test_tiny_run_writes_the_run_folder_and_a_rerun_does_nothing(tmp_path):
+    out = tmp_path / "run"
+    first = pretrain("--config", str(ROOT / "configs" / "demo.yaml"), f"out_dir={out}", *TINY)
+    assert first.returncode == 0, first.stderr
+    for name in ("checkpoint.pt", "config.yaml", "run.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 5]  # 1437 // 256 = 5 steps; logged every 2 and at the end
+    second = pretrain("--config", str(ROOT / "configs" / "demo.yaml"), f"out_dir={out}", *TINY)
+    assert second.returncode == 0 and "already finished" in second.stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_unknown_key_fails_before_any_work(tmp_path):
+    res = pretrain("--config", str(ROOT / "configs" / "demo.yaml"), f"out_dir={tmp_path / 'x'}", "train.lrr=1")
+    assert res.returncode == 2
+    assert "unknown config key 'train.lrr'" in res.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_dataset_names_the_path_and_the_fix(tmp_path):
+    res = pretrain("--config", str(ROOT / "configs" / "cifar10_advcl.yaml"), f"data.root={tmp_path / 'nothing'}",
+                   f"out_dir={tmp_path / 'x'}")
+    assert res.returncode == 2
+    assert str(tmp_path / "nothing") in res.stderr and "data.download=true" in res.stderr
+    assert "Traceback" not in res.stderr
