@@ -14,6 +14,7 @@ setup(
         "torchvision>=0.17",
         "numpy>=1.24",
         "omegaconf>=2.3",
+        "pyyaml>=6",
         "tensorboard>=2.14",
         "tqdm>=4.66",
         "faiss-cpu>=1.7.4",

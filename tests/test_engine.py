@@ -34,7 +34,7 @@ def crash_at(step):
     return on_step
 
 
-def test_resume_after_a_crash_continues_with_the_same_losses(tmp_path):
+def test_resume_after_a_crash_continues_with_the_same_losses(tmp_path, capsys):
     """Checkpoint at step 8, crash at step 10 (in epoch 2), resume: steps 9.. match an uninterrupted run."""
     Trainer(tiny_cfg(tmp_path / "straight", "train.ckpt_every=100")).fit(stop_after_steps=14)
     cfg = tiny_cfg(tmp_path / "crashed", "train.ckpt_every=8")
@@ -44,11 +44,12 @@ def test_resume_after_a_crash_continues_with_the_same_losses(tmp_path):
     Trainer(cfg).fit(stop_after_steps=14)
 
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "crashed")
+    assert "changed config" not in capsys.readouterr().out
     assert sorted(resumed) == list(range(1, 15))  # lines of the lost steps 9, 10 were replaced
     for step in range(1, 15):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), step
     run = json.loads((tmp_path / "crashed" / "run.json").read_text())
-    assert run["resumed_from_step"] == 8 and run["world_size"] == 1 and run["end"]
+    assert [r["step"] for r in run["resumes"]] == [8] and run["world_size"] == 1 and run["end"]
 
 
 def test_run_folder_has_config_provenance_checkpoint_metrics_and_events(tmp_path):
@@ -89,3 +90,10 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(10, **kw) == pytest.approx(0.5)
     assert warmup_cosine(60, **kw) == pytest.approx(5e-4 + (0.5 - 5e-4) * 0.5 * (1 + math.cos(math.pi / 2)))
     assert warmup_cosine(110, **kw) == pytest.approx(5e-4)
+
+
+def test_resuming_with_a_changed_config_names_the_changed_keys(tmp_path, capsys):
+    Trainer(tiny_cfg(tmp_path / "run")).fit(stop_after_steps=1)
+    capsys.readouterr()
+    Trainer(tiny_cfg(tmp_path / "run", "train.epochs=3", "loss.temperature=0.2")).fit(stop_after_steps=2)
+    assert "changed config: loss.temperature, train.epochs" in capsys.readouterr().out

@@ -8,11 +8,13 @@ from it, replaying the data order and the augmentation/attack RNG exactly.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..config import Config, ConfigError, to_yaml
 from ..data import build_loader, get_dataset
@@ -24,6 +26,17 @@ from .run_info import now, run_info
 from .schedule import warmup_cosine
 
 CHECKPOINT = "checkpoint.pt"
+
+
+def changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs."""
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, val in node.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    old, new = flat(yaml.safe_load(old_yaml)), flat(yaml.safe_load(new_yaml))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
 def autocast_for(cfg: Config, device: torch.device):
@@ -86,12 +99,25 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return False
         state = load_checkpoint(self.checkpoint_path, self.device)
+        changed = changed_keys(state["config"], to_yaml(self.cfg))
+        if changed and self.dist.is_main:
+            print(f"[pretrain] warning: resuming {self.checkpoint_path} with a changed config: {', '.join(changed)}",
+                  flush=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"].to("cpu"))
         self.step = state["step"]
         return True
+
+    def _provenance(self, resumed: bool) -> dict:
+        """run.json for this session; a resumed run keeps its first start and lists where it resumed."""
+        info = run_info(self.dist.world_size, node_names(), self.device)
+        path = self.out / "run.json"
+        previous = json.loads(path.read_text()) if resumed and path.exists() else {}
+        info["start"] = previous.get("start", info["start"])
+        info["resumes"] = previous.get("resumes", []) + ([{"step": self.step, "time": now()}] if resumed else [])
+        return info
 
     # -- loop -------------------------------------------------------------------------------------
     def fit(self, stop_after_steps: int | None = None,
@@ -100,16 +126,17 @@ class Trainer:
         cfg, main = self.cfg, self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = self.resume()
+        if resumed and self.step >= self.total_steps:
+            if main:
+                print(f"[pretrain] already finished ({self.checkpoint_path}); nothing to do", flush=True)
+            return self.out
         if main:
             write_text(to_yaml(cfg), self.out / "config.yaml")
-            info = run_info(self.dist.world_size, node_names(), self.device)
-            info["resumed_from_step"] = self.step if resumed else None
+            info = self._provenance(resumed)
             write_json(info, self.out / "run.json")
             print(f"[pretrain] {cfg.train.method} on {cfg.data.name}: {len(self.dataset)} images, "
                   f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, device {self.device}"
                   + (f", resumed at step {self.step}" if resumed else "") + f" → {self.out}", flush=True)
-            if self.step >= self.total_steps:
-                print(f"[pretrain] already finished ({self.checkpoint_path}); nothing to do", flush=True)
         logger = MetricLogger(self.out, self.total_steps, self.step, cfg.train.batch_size, enabled=main)
         try:
             self._loop(logger, stop_after_steps, on_step)
@@ -133,9 +160,8 @@ class Trainer:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
             self.loader.set_epoch(epoch, start_batch=skip)
             for images, _labels, indices in self.loader:
+                # channels_last lives in the weights: convolutions then return channels_last activations.
                 images = images.to(self.device, non_blocking=True)
-                if self.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
                 indices = indices.to(self.device, non_blocking=True)
                 with autocast_for(self.cfg, self.device):
                     out = self.method.training_step(self.model, images, indices, self.generator, raw_model)
