@@ -60,7 +60,13 @@ def test_run_folder_has_config_provenance_checkpoint_metrics_and_events(tmp_path
     state = torch.load(out / CHECKPOINT, weights_only=False)
     assert state["step"] == 3 and not state["finished"]
     assert list(losses(out)) == [1, 2, 3]
-    assert any((out / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_con", "train/attack_gain", "train/lr", "train/images_per_s"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
     assert not list(out.glob(".*.tmp"))
 
 
@@ -97,3 +103,11 @@ def test_resuming_with_a_changed_config_names_the_changed_keys(tmp_path, capsys)
     capsys.readouterr()
     Trainer(tiny_cfg(tmp_path / "run", "train.epochs=3", "loss.temperature=0.2")).fit(stop_after_steps=2)
     assert "changed config: loss.temperature, train.epochs" in capsys.readouterr().out
+
+
+def test_bf16_autocast_training_runs_on_cpu(tmp_path):
+    """The GPU mixed-precision path (bf16 autocast) exercised on CPU: fp32 weights, finite losses."""
+    out = Trainer(tiny_cfg(tmp_path / "bf16", "train.amp=bf16")).fit(stop_after_steps=2)
+    state = torch.load(out / CHECKPOINT, weights_only=False)
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+    assert all(math.isfinite(v) for v in losses(out).values())
