@@ -7,6 +7,7 @@ value — is reported before any work starts, naming the key and where it came f
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,7 +160,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.amp in ("auto", "bf16", "off"), "train.amp", "must be auto, bf16 or off")
     for key in ("train.epochs", "train.batch_size", "train.ckpt_every", "train.log_every", "model.width",
                 "views.size", "loss.temperature", "optim.lr"):
-        need(OmegaConf.select(OmegaConf.structured(cfg), key) > 0, key, "must be > 0")
+        need(functools.reduce(getattr, key.split("."), cfg) > 0, key, "must be > 0")
     need(cfg.data.workers >= 0, "data.workers", "must be >= 0")
     need(0 <= cfg.optim.warmup_epochs < cfg.train.epochs, "optim.warmup_epochs", "must be in [0, train.epochs)")
     need(cfg.attack.eps >= 0 and cfg.attack.step_size >= 0 and cfg.attack.steps >= 0, "attack",
