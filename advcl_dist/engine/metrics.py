@@ -64,7 +64,8 @@ class MetricLogger:
         names = sorted(self.sums)
         values = torch.stack([self.sums[n] for n in names]) / self.count
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(values, op=dist.ReduceOp.AVG)
+            dist.all_reduce(values)  # SUM: gloo has no AVG
+            values = values / dist.get_world_size()
         averaged = dict(zip(names, values.tolist()))
         elapsed = time.perf_counter() - self.t0
         record = {"step": step, "epoch": epoch, "lr": lr, **averaged,
