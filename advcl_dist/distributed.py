@@ -1,6 +1,7 @@
 """Process-group context. Single process for now; torchrun / SLURM initialisation builds on this."""
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     """Join the already-initialised process group if there is one, else run as one process."""
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(__import__("os").environ.get("LOCAL_RANK", 0))
+        local = int(os.environ.get("LOCAL_RANK", 0))
         return DistInfo(rank, world, local, pick_device(device, local))
     return DistInfo(0, 1, 0, pick_device(device))
 

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .checkpoint import write_text
+
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -26,7 +28,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    write_text("".join(line + "\n" for line in keep), path)
 
 
 class MetricLogger:

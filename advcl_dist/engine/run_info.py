@@ -19,7 +19,7 @@ def git_commit() -> str | None:
                              capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def versions() -> dict[str, str | None]:
