@@ -35,7 +35,7 @@ $(STAMP): setup.py
 	touch $@
 
 demo: install
-	$(BIN)/python tools/pretrain.py --config configs/demo.yaml
+	$(BIN)/python tools/pipeline.py --config configs/demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -53,9 +53,13 @@ class ViewsConfig:
 
 @dataclass
 class AttackConfig:
+    """One L∞ threat model for pretraining, finetuning and evaluation; only the step counts differ."""
+
     eps: float = 8 / 255
     step_size: float = 2 / 255
-    steps: int = 5
+    steps: int = 5  # PGD steps of the pretraining attacks (δ, δ_ce)
+    supervised_steps: int = 10  # PGD-10 of ALF, of AFF's TRADES inner loop and of the supervised_at baseline
+    eval_steps: int = 20  # PGD-20 of the reported robust accuracy (RA)
     random_start: bool = True
 
 
@@ -72,6 +76,8 @@ class LossConfig:
 class PseudoConfig:
     labels: str | None = None  # pseudo_labels.npy, [N, len(ks)] int, row i = dataset index i
     ks: list[int] = field(default_factory=lambda: [2, 10, 50, 100, 500])
+    fpre: str | None = None  # f_pre checkpoint for the clustering stage; the pipeline's SimCLR run when null
+    iters: int = 20  # k-means iterations
 
 
 @dataclass
@@ -98,6 +104,41 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """SLF / ALF / AFF on top of a pretrained encoder (defaults: the authors' CIFAR-10 settings)."""
+
+    mode: str = "slf"  # slf (linear, clean) | alf (linear, PGD examples) | aff (whole network, TRADES)
+    checkpoint: str | None = None  # the pretraining checkpoint.pt to finetune
+    dataset: str | None = None  # finetuning/test dataset; null = data.name (another name = transfer)
+    root: str | None = None  # its root; null = data.root
+    bn_branch: str = "pgd"  # BN branch the encoder uses (the authors' choice); one-branch models ignore it
+    epochs: int = 25
+    batch_size: int = 512
+    lr: float | None = None  # null = 0.01 for slf/alf, 0.1 for aff
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    milestones: list[int] = field(default_factory=lambda: [15, 20])  # epochs where lr is multiplied by gamma
+    gamma: float = 0.1
+    trades_beta: float = 6.0
+    val_fraction: float = 0.0  # > 0: hold out this share of the training set and keep the epoch with best val RA
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str | None = None  # classifier to evaluate (tools/evaluate.py); null = <out_dir>/classifier.pt
+    batch_size: int = 512
+    autoattack: bool = True  # AA with pyautoattack "standard" (APGD-CE, APGD-T, FAB-T, Square)
+    aa_n: int | None = None  # AutoAttack on the first n test images; null = all
+    seed: int = 0  # PGD random starts and AutoAttack
+
+
+@dataclass
+class PipelineConfig:
+    finetune: list[str] = field(default_factory=lambda: ["slf"])  # modes run for every method
+    baselines: list[str] = field(default_factory=lambda: ["simclr"])  # simclr | supervised_at, beside advcl
+
+
+@dataclass
 class Config:
     out_dir: str = "runs/${train.method}-${data.name}"
     data: DataConfig = field(default_factory=DataConfig)
@@ -108,6 +149,13 @@ class Config:
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+FINETUNE_MODES = ("slf", "alf", "aff")
+BASELINES = ("simclr", "supervised_at")
 
 
 def _merge(base, other, source: str):
@@ -131,12 +179,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; presets live in configs/ (e.g. configs/demo.yaml)")
         cfg = _merge(cfg, OmegaConf.load(path), f"config file {path}")
+    return _apply_overrides(cfg, overrides)
+
+
+def with_overrides(cfg: Config, values: dict[str, object]) -> Config:
+    """A validated copy of `cfg` with dotted keys set to `values` (taken as they are, not parsed as YAML)."""
+    node = OmegaConf.structured(cfg)
+    for key, value in values.items():
+        try:
+            OmegaConf.update(node, key, value, merge=False)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"config key '{key}': {e}") from None
+    return _apply_overrides(node, ())
+
+
+def _apply_overrides(node, overrides) -> Config:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=10)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+        node = _merge(node, OmegaConf.from_dotlist([item]), f"override {item!r}")
     try:
-        result = OmegaConf.to_object(cfg)
+        result = OmegaConf.to_object(node)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config key '{e.full_key}': {e.msg}") from None
     validate(result)
@@ -159,14 +222,26 @@ def validate(cfg: Config) -> None:
     need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
     need(cfg.train.amp in ("auto", "bf16", "off"), "train.amp", "must be auto, bf16 or off")
     for key in ("train.epochs", "train.batch_size", "train.ckpt_every", "train.log_every", "model.width",
-                "views.size", "loss.temperature", "optim.lr"):
+                "views.size", "loss.temperature", "optim.lr", "finetune.epochs", "finetune.batch_size",
+                "eval.batch_size", "pseudo.iters"):
         need(functools.reduce(getattr, key.split("."), cfg) > 0, key, "must be > 0")
     need(cfg.data.workers >= 0, "data.workers", "must be >= 0")
     need(0 <= cfg.optim.warmup_epochs < cfg.train.epochs, "optim.warmup_epochs", "must be in [0, train.epochs)")
-    need(cfg.attack.eps >= 0 and cfg.attack.step_size >= 0 and cfg.attack.steps >= 0, "attack",
-         "eps, step_size and steps must be >= 0")
+    a = cfg.attack
+    need(a.eps >= 0 and a.step_size >= 0 and min(a.steps, a.supervised_steps, a.eval_steps) >= 0, "attack",
+         "eps, step_size and the step counts must be >= 0")
     need(0 < cfg.views.crop_scale_min <= 1, "views.crop_scale_min", "must be in (0, 1]")
     need(all(k >= 2 for k in cfg.pseudo.ks), "pseudo.ks", "every K must be >= 2")
+    f = cfg.finetune
+    need(f.mode in FINETUNE_MODES, "finetune.mode", f"{f.mode!r} is not one of {list(FINETUNE_MODES)}")
+    need(f.dataset is None or f.dataset in DATASETS, "finetune.dataset", f"{f.dataset!r} is not one of {list(DATASETS)}")
+    need(f.lr is None or f.lr > 0, "finetune.lr", "must be > 0 (or null for the mode's default)")
+    need(0 <= f.val_fraction < 1, "finetune.val_fraction", "must be in [0, 1)")
+    need(cfg.eval.aa_n is None or cfg.eval.aa_n > 0, "eval.aa_n", "must be > 0 (or null for the whole test set)")
+    for mode in cfg.pipeline.finetune:
+        need(mode in FINETUNE_MODES, "pipeline.finetune", f"{mode!r} is not one of {list(FINETUNE_MODES)}")
+    for name in cfg.pipeline.baselines:
+        need(name in BASELINES, "pipeline.baselines", f"{name!r} is not one of {list(BASELINES)}")
     if cfg.pseudo.labels is not None:
         need(Path(cfg.pseudo.labels).is_file(), "pseudo.labels",
              f"file {cfg.pseudo.labels} does not exist; run the clustering stage or set pseudo.labels=null")

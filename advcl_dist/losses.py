@@ -1,4 +1,4 @@
-"""Losses: multi-view NT-Xent (SupCon "all" form) and the pseudo-label ensemble CE.
+"""Losses: multi-view NT-Xent (SupCon "all" form), the pseudo-label ensemble CE and the TRADES KL term.
 
 Reductions run in float32 (float64 for float64 inputs) whatever the autocast dtype of the embeddings.
 """
@@ -82,3 +82,14 @@ def pseudo_label_ce(logits: Sequence[torch.Tensor], labels: torch.Tensor, ignore
         summed = F.cross_entropy(_at_least_fp32(head_logits), target, ignore_index=ignore_index, reduction="sum")
         total = total + summed / (target != ignore_index).sum().clamp(min=1)
     return total / len(logits)
+
+
+def trades_kl(logits_adv: torch.Tensor, logits_clean: torch.Tensor) -> torch.Tensor:
+    """TRADES robustness term: KL(p_clean || p_adv) summed over classes, averaged over the batch.
+
+    Zhang et al. (2019) eq. (5); it is both the inner objective the attack maximises and, times β,
+    the regulariser added to the clean cross-entropy.
+    """
+    log_p_adv = F.log_softmax(_at_least_fp32(logits_adv), dim=1)
+    log_p_clean = F.log_softmax(_at_least_fp32(logits_clean), dim=1)
+    return F.kl_div(log_p_adv, log_p_clean, reduction="batchmean", log_target=True)

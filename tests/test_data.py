@@ -1,11 +1,8 @@
 """Tests for advcl_dist.data: readers against files written here in the real formats, sampler, loader."""
 
-import pickle
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sklearn.datasets import load_digits
 
 from advcl_dist.data import (
@@ -17,82 +14,7 @@ from advcl_dist.data import (
     get_dataset,
 )
 
-RNG = np.random.default_rng(1234)
-
-
-def _images(n, h=32, w=32):
-    return RNG.integers(0, 256, size=(n, 3, h, w), dtype=np.uint8)
-
-
-def _pickle(path, obj):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
-def _write_cifar10(root):
-    """Five train batches of different sizes and a test batch; returns the expected (images, labels)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    expected = {"train": ([], []), "test": ([], [])}
-    sizes = [2, 3, 1, 2, 2, 3]
-    for name, n in zip([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], sizes):
-        images, labels = _images(n), RNG.integers(0, 10, size=n).tolist()
-        _pickle(folder / name, {"data": images.reshape(n, 3072), "labels": labels})
-        split = expected["test" if name == "test_batch" else "train"]
-        split[0].append(images)
-        split[1].extend(labels)
-    _pickle(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
-    return {k: (np.concatenate(imgs), labels) for k, (imgs, labels) in expected.items()}
-
-
-def _write_cifar100(root):
-    folder = root / "cifar-100-python"
-    folder.mkdir()
-    expected = {}
-    for split, n in [("train", 4), ("test", 2)]:
-        images, labels = _images(n), RNG.integers(0, 100, size=n).tolist()
-        _pickle(folder / split, {"data": images.reshape(n, 3072), "fine_labels": labels})
-        expected[split] = (images, labels)
-    _pickle(folder / "meta", {"fine_label_names": [f"f{i}" for i in range(100)]})
-    return expected
-
-
-def _write_stl10(root):
-    """STL-10 binaries store each image as [3,96,96] column-major (H and W swapped) and labels as 1..10."""
-    folder = root / "stl10_binary"
-    folder.mkdir()
-    expected = {}
-    for split, n in [("train", 3), ("test", 2), ("unlabeled", 2)]:
-        images = _images(n, 96, 96)
-        np.ascontiguousarray(images.transpose(0, 1, 3, 2)).tofile(folder / f"{split}_X.bin")
-        labels = [-1] * n
-        if split != "unlabeled":
-            stored = RNG.integers(1, 11, size=n).astype(np.uint8)
-            stored.tofile(folder / f"{split}_y.bin")
-            labels = (stored.astype(np.int64) - 1).tolist()
-        expected[split] = (images, labels)
-    (folder / "class_names.txt").write_text("\n".join(f"k{i}" for i in range(10)) + "\n")
-    (folder / "fold_indices.txt").write_text("\n".join("0 1" for _ in range(10)) + "\n")
-    return expected
-
-
-def _write_imagefolder(root):
-    """Two classes with non-square RGB PNGs plus one greyscale PNG; returns expected per-split lists."""
-    expected = {}
-    for split in ("train", "test"):
-        items = []
-        for label, cls in enumerate(["cat", "dog"]):  # ImageFolder sorts classes and files
-            (root / split / cls).mkdir(parents=True)
-            for name in ("a.png", "b.png"):
-                hwc = RNG.integers(0, 256, size=(12, 20, 3), dtype=np.uint8)
-                Image.fromarray(hwc).save(root / split / cls / name)
-                items.append((hwc.transpose(2, 0, 1), label))
-        grey = RNG.integers(0, 256, size=(10, 14), dtype=np.uint8)
-        Image.fromarray(grey).save(root / split / "dog" / "c.png")
-        items.append((np.repeat(grey[None], 3, axis=0), 1))
-        expected[split] = items
-    return expected
-
+from dataset_files import write_cifar10, write_cifar100, write_imagefolder, write_stl10
 
 def _assert_matches(dataset, images, labels):
     assert len(dataset) == len(images) == len(labels)
@@ -126,19 +48,19 @@ def test_digits_shapes_split_and_determinism():
 
 
 def test_cifar10_reads_exact_pixels(tmp_path):
-    expected = _write_cifar10(tmp_path)
+    expected = write_cifar10(tmp_path)
     for split in ("train", "test"):
         _assert_matches(get_dataset("cifar10", split, root=tmp_path), *expected[split])
 
 
 def test_cifar100_reads_exact_pixels(tmp_path):
-    expected = _write_cifar100(tmp_path)
+    expected = write_cifar100(tmp_path)
     for split in ("train", "test"):
         _assert_matches(get_dataset("cifar100", split, root=str(tmp_path)), *expected[split])
 
 
 def test_stl10_reads_exact_pixels(tmp_path):
-    expected = _write_stl10(tmp_path)
+    expected = write_stl10(tmp_path)
     for split in ("train", "test", "unlabeled"):
         _assert_matches(get_dataset("stl10", split, root=tmp_path), *expected[split])
     train, unlabeled = expected["train"], expected["unlabeled"]
@@ -147,7 +69,7 @@ def test_stl10_reads_exact_pixels(tmp_path):
 
 
 def test_imagefolder_reads_exact_pixels(tmp_path):
-    expected = _write_imagefolder(tmp_path)
+    expected = write_imagefolder(tmp_path)
     for split in ("train", "test"):
         images, labels = zip(*expected[split])
         _assert_matches(get_dataset("imagefolder", split, root=tmp_path), images, labels)
@@ -167,7 +89,7 @@ def test_missing_data_fails_early(tmp_path, name, folder):
 
 
 def test_missing_file_is_named(tmp_path):
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
     with pytest.raises(DatasetNotFoundError, match="data_batch_4"):
         get_dataset("cifar10", "test", root=tmp_path)
@@ -184,7 +106,7 @@ def test_unknown_name_or_split():
 
 
 def test_indexed_dataset_resizes_and_center_crops(tmp_path):
-    _write_imagefolder(tmp_path)
+    write_imagefolder(tmp_path)
     dataset = get_dataset("imagefolder", "train", root=tmp_path)
     assert dataset[0][0].shape == (3, 12, 20)
     indexed = IndexedDataset(dataset, image_size=8)
@@ -286,7 +208,7 @@ def test_loader_batches_and_resume(drop_last):
 
 
 def test_loader_keeps_global_rng_and_works_with_workers(tmp_path):
-    _write_imagefolder(tmp_path)
+    write_imagefolder(tmp_path)
     dataset = get_dataset("imagefolder", "train", root=tmp_path)
     torch.manual_seed(0)
     state = torch.get_rng_state()

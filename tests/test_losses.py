@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from advcl_dist.losses import multiview_nt_xent, pseudo_label_ce
+from advcl_dist.losses import multiview_nt_xent, pseudo_label_ce, trades_kl
 
 
 def reference_nt_xent(z, temperature):
@@ -66,3 +66,16 @@ def test_pseudo_label_ce_all_ignored_head_contributes_zero():
     single = pseudo_label_ce(logits[1:], labels[:, 1:])
     assert torch.isfinite(pseudo_label_ce(logits, labels))
     assert pseudo_label_ce(logits, labels).item() == pytest.approx(single.item() / 2, rel=1e-6)
+
+
+def test_trades_kl_is_the_batch_mean_of_kl_clean_to_adversarial():
+    torch.manual_seed(0)
+    adv, clean = torch.randn(5, 7), torch.randn(5, 7)
+    expected = 0.0
+    for a_row, c_row in zip(adv.double().tolist(), clean.double().tolist()):
+        za, zc = sum(math.exp(v) for v in a_row), sum(math.exp(v) for v in c_row)
+        expected += sum(math.exp(c) / zc * ((c - math.log(zc)) - (a - math.log(za))) for a, c in zip(a_row, c_row))
+    assert trades_kl(adv.double(), clean.double()).item() == pytest.approx(expected / 5, rel=1e-12)
+    assert trades_kl(clean, clean).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert trades_kl(adv.bfloat16(), clean.bfloat16()).dtype == torch.float32

@@ -108,3 +108,33 @@ def test_advcl_step_under_bf16_autocast_keeps_fp32_loss_and_perturbation():
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert seen["attack"].x_adv.dtype == torch.float32
     out.loss.backward()
+
+
+def test_supervised_at_trains_a_classifier_on_pgd10_examples_of_the_true_labels():
+    cfg = load_config(None, ["data.name=digits", "model.width=4", "train.method=supervised_at",
+                             "attack.supervised_steps=10"])
+    method = build_method(cfg, 100, torch.device("cpu"), num_classes=10)
+    torch.manual_seed(0)
+    model = method.build_model()
+    assert model.projector is None and [h.out_features for h in model.pseudo_heads] == [10]
+    images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(B) % 10
+    out = method.training_step(model, images, torch.arange(B), torch.Generator().manual_seed(0), labels=labels)
+    # Reference: the same crop and the same random start, then ten signed-gradient steps written out.
+    from advcl_dist.data.augment import crop_flip_view
+
+    g = torch.Generator().manual_seed(0)
+    x = crop_flip_view(images, g, size=32, padding=4)
+    a = cfg.attack
+    x_adv = (x + (2 * torch.rand(x.shape, generator=g, dtype=x.dtype) - 1) * a.eps).clamp(0, 1)
+    for _ in range(10):
+        x_adv.requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(x_adv)["pseudo_logits"][0], labels)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + a.step_size * grad.sign(), x - a.eps), x + a.eps).clamp(0, 1)
+    expected = torch.nn.functional.cross_entropy(model(x_adv)["pseudo_logits"][0], labels)
+    torch.testing.assert_close(out.loss, expected)
+    clean = torch.nn.functional.cross_entropy(model(x)["pseudo_logits"][0], labels)
+    assert out.loss > clean
+    with pytest.raises(ValueError, match="label"):
+        method.training_step(model, images, torch.arange(B), torch.Generator(), labels=None)

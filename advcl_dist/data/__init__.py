@@ -1,6 +1,6 @@
 """Datasets and the deterministic, rank-sharded loader."""
 
-from advcl_dist.data.datasets import DATASETS, DatasetNotFoundError, get_dataset
+from advcl_dist.data.datasets import DATASETS, DatasetNotFoundError, get_dataset, num_classes
 from advcl_dist.data.loader import IndexedDataset, ShardedSampler, build_loader
 
 __all__ = [
@@ -10,4 +10,5 @@ __all__ = [
     "ShardedSampler",
     "build_loader",
     "get_dataset",
+    "num_classes",
 ]

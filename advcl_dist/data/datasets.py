@@ -115,6 +115,17 @@ def get_dataset(name: str, split: str, root: str | Path | None = None, download:
     return _imagefolder(split, root)
 
 
+def num_classes(dataset: Dataset) -> int:
+    """Number of classes of a `get_dataset` result (0 for unlabelled data)."""
+    classes = getattr(dataset, "classes", None)
+    if classes:
+        return len(classes)
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = torch.as_tensor(getattr(dataset, "targets", []))
+    return int(labels.max()) + 1 if len(labels) else 0
+
+
 @functools.lru_cache(maxsize=1)
 def _digits_all() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """All 1797 digits as uint8 [N,3,32,32], their labels, and the fixed split permutation."""

@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
+from torch import nn
 
 
 def _atomic(path: Path, write) -> None:
@@ -41,3 +43,31 @@ def write_json(obj, path: Path) -> None:
 
 def write_text(text: str, path: Path) -> None:
     _atomic(path, lambda f: f.write(text.encode()))
+
+
+def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The encoder of a pretraining checkpoint, rebuilt from what the checkpoint itself records.
+
+    Returns the encoder (eval mode) and facts about its run: method, arch, width, BN branches, step.
+    Its architecture comes from the checkpoint's own config and its BN branches from its weights,
+    so a finetuning config that differs from the pretraining one cannot build the wrong network.
+    """
+    from ..models import BACKBONES
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained checkpoint {path} does not exist; pretrain first "
+                                "(tools/pretrain.py) or point finetune.checkpoint / pseudo.fpre at a checkpoint.pt")
+    state = load_checkpoint(path, device)
+    if "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a pretraining checkpoint of this package (no 'model'/'config' entries)")
+    model_cfg = yaml.safe_load(state["config"])["model"]
+    prefix = "encoder."
+    weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    branches = tuple(dict.fromkeys(k.split(".bns.")[1].split(".")[0] for k in weights if ".bns." in k))
+    encoder = BACKBONES[model_cfg["arch"]](model_cfg["width"], branches)
+    encoder.load_state_dict(weights)
+    info = {"checkpoint": str(path.resolve()), "method": state.get("method"), "arch": model_cfg["arch"],
+            "width": model_cfg["width"], "branches": list(branches), "step": state.get("step"),
+            "finished": bool(state.get("finished"))}
+    return encoder.to(device).eval(), info

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from ..config import Config, ConfigError, to_yaml
-from ..data import build_loader, get_dataset
+from ..data import build_loader, get_dataset, num_classes
 from ..distributed import DistInfo, init_distributed, node_names
 from ..methods import Method, build_method
 from .checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
@@ -61,7 +61,7 @@ class Trainer:
                                    world_size=self.dist.world_size, image_size=cfg.data.image_size)
         if self.loader.batches_per_epoch == 0:
             raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(self.dataset)} training images")
-        self.method: Method = build_method(cfg, len(self.dataset), self.device)
+        self.method: Method = build_method(cfg, len(self.dataset), self.device, num_classes(self.dataset))
         torch.manual_seed(t.seed)
         self.model = self.method.build_model().to(self.device)
         self.channels_last = t.channels_last and self.device.type == "cuda"
@@ -88,7 +88,8 @@ class Trainer:
     def state_dict(self, finished: bool = False) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
-                "step": self.step, "finished": finished, "method": self.cfg.train.method,
+                "step": self.step, "total_steps": self.total_steps, "finished": finished,
+                "method": self.cfg.train.method, "num_classes": self.method.num_classes,
                 "config": to_yaml(self.cfg)}
 
     def save(self, finished: bool = False) -> None:
@@ -148,6 +149,7 @@ class Trainer:
         if main:
             info["end"] = now()
             info["steps_done"] = self.step
+            info["finished"] = self.step >= self.total_steps
             write_json(info, self.out / "run.json")
         return self.out
 
@@ -159,12 +161,13 @@ class Trainer:
         while self.step < last:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
             self.loader.set_epoch(epoch, start_batch=skip)
-            for images, _labels, indices in self.loader:
+            for images, labels, indices in self.loader:
                 # channels_last lives in the weights: convolutions then return channels_last activations.
                 images = images.to(self.device, non_blocking=True)
                 indices = indices.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
                 with autocast_for(self.cfg, self.device):
-                    out = self.method.training_step(self.model, images, indices, self.generator, raw_model)
+                    out = self.method.training_step(self.model, images, indices, self.generator, raw_model, labels)
                 self.optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 self.optimizer.step()

@@ -41,8 +41,8 @@ def load_pseudo_labels(path: str | Path, num_samples: int, ks) -> np.ndarray:
 class AdvCL(Method):
     branches = ("normal", "pgd", "pgd_ce")
 
-    def __init__(self, cfg, num_samples, device):
-        super().__init__(cfg, num_samples, device)
+    def __init__(self, cfg, num_samples, device, num_classes=None):
+        super().__init__(cfg, num_samples, device, num_classes)
         self.pseudo_labels = None
         if cfg.pseudo.labels is not None:
             labels = load_pseudo_labels(cfg.pseudo.labels, num_samples, cfg.pseudo.ks)
@@ -73,7 +73,8 @@ class AdvCL(Method):
         return self._pgd(lambda x_adv: pseudo_label_ce(model(x_adv, (("pgd_ce", b),))["pseudo_logits"], labels),
                          x, generator)
 
-    def training_step(self, model, images, indices, generator, attack_model=None) -> StepOutput:
+    def training_step(self, model, images, indices, generator, attack_model=None, labels=None) -> StepOutput:
+        # `labels` (true classes) are ignored: AdvCL is self-supervised.
         attack_model = attack_model or model
         v, b = self.cfg.views, images.shape[0]
         x = crop_flip_view(images, generator, size=v.size, padding=v.padding)
@@ -81,17 +82,17 @@ class AdvCL(Method):
         x_h = high_frequency(x, v.hf_radius)
         adv = self.contrastive_attack(attack_model, x, torch.cat([t1, t2, x_h]), generator)
         views, branches = [adv.x_adv, t1, t2, x_h], ["pgd", "normal", "normal", "normal"]
-        labels = None
+        pseudo = None
         if self.pseudo_labels is not None:
-            labels = self.pseudo_labels[indices]
-            views.append(self.pseudo_attack(attack_model, x, labels, generator).x_adv)
+            pseudo = self.pseudo_labels[indices]
+            views.append(self.pseudo_attack(attack_model, x, pseudo, generator).x_adv)
             branches.append("pgd_ce")
         out = model(torch.cat(views), views_plan(branches, b))
         loss_con = self.contrastive(split_views(out["proj"][: 4 * b], 4))
         metrics = {"loss_con": loss_con.detach(), "attack_gain": loss_con.detach() - adv.initial_loss}
         loss = loss_con
-        if labels is not None:
-            loss_ce = pseudo_label_ce([logits[4 * b:] for logits in out["pseudo_logits"]], labels)
+        if pseudo is not None:
+            loss_ce = pseudo_label_ce([logits[4 * b:] for logits in out["pseudo_logits"]], pseudo)
             loss = loss_con + self.cfg.loss.pseudo_weight * loss_ce
             metrics["loss_ce"] = loss_ce.detach()
         metrics["loss"] = loss.detach()

@@ -35,10 +35,11 @@ class Method:
     name = "?"
     branches: tuple[str, ...] = ("normal",)
 
-    def __init__(self, cfg, num_samples: int, device: torch.device):
+    def __init__(self, cfg, num_samples: int, device: torch.device, num_classes: int | None = None):
         self.cfg = cfg
         self.num_samples = num_samples
         self.device = device
+        self.num_classes = num_classes
 
     def pseudo_ks(self) -> tuple[int, ...]:
         return ()
@@ -54,15 +55,19 @@ class Method:
         return scale * multiview_nt_xent(z, loss_cfg.temperature, gather=True)
 
     def training_step(self, model: nn.Module, images: torch.Tensor, indices: torch.Tensor,
-                      generator: torch.Generator, attack_model: nn.Module | None = None) -> StepOutput:
-        """`images` uint8 [B, C, H, W] on the device; `model` may be wrapped (DDP), `attack_model` not."""
+                      generator: torch.Generator, attack_model: nn.Module | None = None,
+                      labels: torch.Tensor | None = None) -> StepOutput:
+        """`images` uint8 [B, C, H, W] on the device; `model` may be wrapped (DDP), `attack_model` not.
+
+        `labels` are the dataset's labels; only supervised methods may use them.
+        """
         raise NotImplementedError
 
 
-def build_method(cfg, num_samples: int, device: torch.device) -> Method:
+def build_method(cfg, num_samples: int, device: torch.device, num_classes: int | None = None) -> Method:
     if cfg.train.method not in METHODS:
         raise KeyError(f"train.method={cfg.train.method!r} is not one of {sorted(METHODS)}")
-    return METHODS[cfg.train.method](cfg, num_samples, device)
+    return METHODS[cfg.train.method](cfg, num_samples, device, num_classes)
 
 
 def split_views(t: torch.Tensor, views: int) -> torch.Tensor:

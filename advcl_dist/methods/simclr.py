@@ -20,7 +20,7 @@ def simclr_views(images: torch.Tensor, generator: torch.Generator, views_cfg) ->
 class SimCLR(Method):
     branches = ("normal",)
 
-    def training_step(self, model, images, indices, generator, attack_model=None) -> StepOutput:
+    def training_step(self, model, images, indices, generator, attack_model=None, labels=None) -> StepOutput:
         t1, t2 = simclr_views(images, generator, self.cfg.views)
         b = images.shape[0]
         out = model(torch.cat([t1, t2]), views_plan(("normal", "normal"), b))

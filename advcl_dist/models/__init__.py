@@ -4,16 +4,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .branch_bn import BRANCHES, BranchBatchNorm, set_plan, views_plan
+from .classifier import Classifier
 from .heads import AdvCLNet, ProjectionHead
 from .resnet import BACKBONES, CifarResNet
 
-__all__ = ["BRANCHES", "BACKBONES", "AdvCLNet", "BranchBatchNorm", "CifarResNet", "ProjectionHead",
+__all__ = ["BRANCHES", "BACKBONES", "AdvCLNet", "BranchBatchNorm", "CifarResNet", "Classifier", "ProjectionHead",
            "build_model", "set_plan", "views_plan"]
 
 
 def build_model(arch: str = "resnet18", width: int = 64, branches: Sequence[str] = BRANCHES,
-                proj_dim: int = 128, proj_hidden: int | None = None, pseudo_ks: Sequence[int] = ()) -> AdvCLNet:
+                proj_dim: int = 128, proj_hidden: int | None = None, pseudo_ks: Sequence[int] = (),
+                projector: bool = True) -> AdvCLNet:
     if arch not in BACKBONES:
         raise ValueError(f"model.arch={arch!r} is not known; choose one of {sorted(BACKBONES)}")
     encoder = BACKBONES[arch](width, tuple(branches))
-    return AdvCLNet(encoder, proj_dim, proj_hidden, tuple(pseudo_ks))
+    return AdvCLNet(encoder, proj_dim, proj_hidden, tuple(pseudo_ks), projector)

@@ -27,21 +27,23 @@ class AdvCLNet(nn.Module):
 
     `forward(x, plan)` runs all views of `x` (concatenated along the batch, described by
     `plan`) in one pass and returns the encoder features, the L2-normalised projections
-    and the pseudo-label logits (one tensor per K; empty list when there are no heads).
+    (None without a projection head) and the pseudo-label logits (one tensor per K; an
+    empty list when there are no heads). Supervised training uses one head, K = classes.
     """
 
     def __init__(self, encoder: nn.Module, proj_dim: int = 128, proj_hidden: int | None = None,
-                 pseudo_ks: Sequence[int] = ()):
+                 pseudo_ks: Sequence[int] = (), projector: bool = True):
         super().__init__()
         self.encoder = encoder
         self.feat_dim = encoder.feat_dim
-        self.projector = ProjectionHead(self.feat_dim, proj_hidden or self.feat_dim, proj_dim)
+        self.projector = ProjectionHead(self.feat_dim, proj_hidden or self.feat_dim, proj_dim) if projector else None
         self.pseudo_heads = nn.ModuleList(nn.Linear(self.feat_dim, k) for k in pseudo_ks)
 
-    def forward(self, x: torch.Tensor, plan: Plan | None = None) -> dict[str, torch.Tensor | list]:
+    def forward(self, x: torch.Tensor, plan: Plan | None = None) -> dict[str, torch.Tensor | list | None]:
         set_plan(self, plan)
         try:
             h = self.encoder(x)
-            return {"features": h, "proj": self.projector(h), "pseudo_logits": [head(h) for head in self.pseudo_heads]}
+            proj = self.projector(h) if self.projector is not None else None
+            return {"features": h, "proj": proj, "pseudo_logits": [head(h) for head in self.pseudo_heads]}
         finally:
             set_plan(self, None)

@@ -1,0 +1,48 @@
+"""Supervised adversarial training (Madry et al.): the "Supervised" baseline row of the AdvCL tables.
+
+The same encoder with a linear classifier (one head, K = number of classes, no projection
+head), trained only on PGD examples (attack.supervised_steps, PGD-10 by default) of the
+lightly augmented view x with the true labels. Its encoder is then finetuned and evaluated
+through the same SLF / ALF / AFF path as the self-supervised methods.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..attacks import pgd
+from ..config import ConfigError
+from ..data.augment import crop_flip_view
+from ..models import AdvCLNet, build_model
+from .base import Method, StepOutput, register
+
+
+@register("supervised_at")
+class SupervisedAT(Method):
+    branches = ("pgd",)
+
+    def __init__(self, cfg, num_samples, device, num_classes=None):
+        super().__init__(cfg, num_samples, device, num_classes)
+        if not num_classes:
+            raise ConfigError(f"train.method=supervised_at needs labelled data; {cfg.data.name}/{cfg.data.split} "
+                              "has no classes")
+
+    def build_model(self) -> AdvCLNet:
+        m = self.cfg.model
+        return build_model(m.arch, m.width, self.branches, pseudo_ks=(self.num_classes,), projector=False)
+
+    def training_step(self, model, images, indices, generator, attack_model=None, labels=None) -> StepOutput:
+        if labels is None or (labels < 0).any():
+            raise ValueError("supervised_at needs a label for every training image (the data has unlabelled ones)")
+        attack_model = attack_model or model
+        v, a, b = self.cfg.views, self.cfg.attack, images.shape[0]
+        x = crop_flip_view(images, generator, size=v.size, padding=v.padding)
+        plan = (("pgd", b),)
+
+        def objective(x_adv):
+            return F.cross_entropy(attack_model(x_adv, plan)["pseudo_logits"][0], labels)
+
+        adv = pgd(objective, x, a.eps, a.step_size, a.supervised_steps, a.random_start, generator)
+        logits = model(adv.x_adv, plan)["pseudo_logits"][0]
+        loss = F.cross_entropy(logits, labels)
+        accuracy = (logits.detach().argmax(1) == labels).float().mean() * 100
+        return StepOutput(loss, {"loss": loss.detach(), "adv_accuracy": accuracy})

@@ -1,0 +1,64 @@
+"""The pipeline runs every stage once: finished stages are skipped, a failed one runs again."""
+import json
+
+import pytest
+
+from advcl_dist import pipeline
+from advcl_dist.config import load_config
+
+TINY = ["data.name=digits", "data.workers=0", "model.width=4", "model.proj_dim=16", "train.batch_size=256",
+        "train.epochs=1", "optim.warmup_epochs=0", "attack.steps=1", "pseudo.ks=[2,10]", "finetune.epochs=1",
+        "finetune.batch_size=256", "attack.eval_steps=1", "eval.autoattack=false", "eval.batch_size=360",
+        "pipeline.finetune=[slf]", "pipeline.baselines=[simclr]"]
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_stages_and_their_order(tmp_path):
+    cfg = load_config(None, [f"out_dir={tmp_path}", *TINY, "pipeline.finetune=[slf,aff]",
+                             "pipeline.baselines=[simclr,supervised_at]"])
+    names = [s.name for s in pipeline.plan_stages(cfg)]
+    assert names == ["simclr", "cluster", "advcl", "supervised_at", "advcl-slf", "advcl-aff", "simclr-slf",
+                     "simclr-aff", "supervised_at-slf", "supervised_at-aff"]
+
+
+def test_skips_finished_stages_and_reruns_a_failed_one(tmp_path, monkeypatch, capsys):
+    cfg = load_config(None, [f"out_dir={tmp_path}", *TINY])
+    real_finetune = pipeline.finetune
+
+    def failing(stage_cfg):
+        if stage_cfg.out_dir.endswith("simclr-slf"):
+            raise Boom("injected failure")
+        return real_finetune(stage_cfg)
+
+    monkeypatch.setattr(pipeline, "finetune", failing)
+    with pytest.raises(Boom):
+        pipeline.run_pipeline(cfg)
+    status = json.loads((tmp_path / "pipeline.json").read_text())
+    assert {k: v["status"] for k, v in status.items()} == {
+        "simclr": "done", "cluster": "done", "advcl": "done", "advcl-slf": "done", "simclr-slf": "failed"}
+    assert "injected failure" in status["simclr-slf"]["error"]
+    labels = json.loads((tmp_path / "cluster" / "clusters.json").read_text())
+    assert labels["n"] == 1437 and labels["ks"] == [2, 10]
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.suffix in (".pt", ".npy")}
+    capsys.readouterr()
+
+    monkeypatch.setattr(pipeline, "finetune", real_finetune)
+    rows = pipeline.run_pipeline(cfg)
+    out = capsys.readouterr().out
+    for name in ("simclr", "cluster", "advcl", "advcl-slf"):
+        assert f"[pipeline] {name}: already done" in out
+    assert "[pipeline] simclr-slf: running" in out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing finished was redone
+    assert [(r["method"], r["finetune"]) for r in rows] == [("advcl", "slf"), ("simclr", "slf")]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rows"] == rows
+    table = (tmp_path / "summary.md").read_text()
+    assert "| advcl | SLF | digits |" in table and "| simclr | SLF | digits |" in table
+
+    pipeline.run_pipeline(cfg)
+    assert "running" not in capsys.readouterr().out
+    status = json.loads((tmp_path / "pipeline.json").read_text())
+    assert all(v["status"] == "done" for v in status.values())

@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Pseudo-labels from f_pre features (ensemble k-means) into <out_dir>/pseudo_labels.npy:
+python tools/cluster.py --config configs/demo.yaml pseudo.fpre=runs/demo/simclr/checkpoint.pt out_dir=runs/demo/cluster"""
+import sys
+
+from advcl_dist.cli import run_stage
+from advcl_dist.cluster import cluster
+
+if __name__ == "__main__":
+    sys.exit(run_stage(cluster, __doc__))

@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Evaluate a finetuned classifier (SA, RA = PGD-20, AA = AutoAttack) into <out_dir>/results.json:
+python tools/evaluate.py --config configs/demo.yaml eval.checkpoint=runs/demo/advcl-slf/classifier.pt \\
+    out_dir=runs/demo/advcl-slf-eval [eval.aa_n=1000 ...]"""
+import sys
+
+from advcl_dist.cli import run_stage
+from advcl_dist.evaluate import evaluate
+
+if __name__ == "__main__":
+    sys.exit(run_stage(evaluate, __doc__))

@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Finetune a pretrained encoder (SLF / ALF / AFF), then evaluate it (SA, RA, AA) into results.json:
+python tools/finetune.py --config configs/demo.yaml finetune.checkpoint=runs/demo/advcl/checkpoint.pt \\
+    finetune.mode=slf out_dir=runs/demo/my-slf [key=value ...]"""
+import sys
+
+from advcl_dist.cli import run_stage
+from advcl_dist.finetune import finetune
+
+if __name__ == "__main__":
+    sys.exit(run_stage(finetune, __doc__))

@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Run the whole pipeline — SimCLR f_pre → pseudo-labels → AdvCL → finetune + evaluate, and the baselines —
+skipping stages that already finished: python tools/pipeline.py --config configs/demo.yaml [key=value ...]"""
+import sys
+
+from advcl_dist.cli import run_stage
+from advcl_dist.pipeline import run_pipeline
+
+if __name__ == "__main__":
+    sys.exit(run_stage(run_pipeline, __doc__))
