@@ -234,7 +234,8 @@ def validate(cfg: Config) -> None:
     need(all(k >= 2 for k in cfg.pseudo.ks), "pseudo.ks", "every K must be >= 2")
     f = cfg.finetune
     need(f.mode in FINETUNE_MODES, "finetune.mode", f"{f.mode!r} is not one of {list(FINETUNE_MODES)}")
-    need(f.dataset is None or f.dataset in DATASETS, "finetune.dataset", f"{f.dataset!r} is not one of {list(DATASETS)}")
+    need(f.dataset is None or f.dataset in DATASETS, "finetune.dataset",
+         f"{f.dataset!r} is not one of {list(DATASETS)}")
     need(f.lr is None or f.lr > 0, "finetune.lr", "must be > 0 (or null for the mode's default)")
     need(0 <= f.val_fraction < 1, "finetune.val_fraction", "must be in [0, 1)")
     need(cfg.eval.aa_n is None or cfg.eval.aa_n > 0, "eval.aa_n", "must be > 0 (or null for the whole test set)")

@@ -58,7 +58,7 @@ def correct_flags(model: torch.nn.Module, dataset, eps: float, step_size: float,
     for x, y in _batches(dataset, batch_size, image_size, device):
         with torch.no_grad():
             clean.append(model(x).argmax(1) == y)
-        x_adv = pgd(lambda z: F.cross_entropy(model(z), y), x, eps, step_size, steps, True, generator).x_adv
+        x_adv = pgd(lambda z, y=y: F.cross_entropy(model(z), y), x, eps, step_size, steps, True, generator).x_adv
         with torch.no_grad():
             robust.append(model(x_adv).argmax(1) == y)
         if sum(len(t) for t in kept_y) < keep:

@@ -119,7 +119,7 @@ class Finetuner:
         return pgd(objective, x, a.eps, a.step_size, a.supervised_steps, a.random_start, self.generator).x_adv
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and the logits the loss was computed on, for one batch of uint8 images."""
+        """Loss and the logits it was computed on (clean for SLF, adversarial for ALF and AFF)."""
         v, model = self.cfg.views, self.model
         x = crop_flip_view(images, self.generator, size=v.size, padding=v.padding)
         if self.mode == "slf":
@@ -191,7 +191,8 @@ class Finetuner:
                               self.cfg.views.size, self.cfg.eval.seed)
         print(f"[finetune] epoch {self.epoch}: val SA {val['SA']:.2f} RA {val['RA']:.2f}", flush=True)
         if self.best is None or val["RA"] >= self.best["RA"]:
-            self.best = {"epoch": self.epoch, **val, "model": {k: v.clone() for k, v in self.model.state_dict().items()}}
+            weights = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.best = {"epoch": self.epoch, **val, "model": weights}
 
 
 def finetune(cfg: Config, evaluate_after: bool = True) -> Path:

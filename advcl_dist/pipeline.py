@@ -54,10 +54,6 @@ class Stage:
         return (self.folder / self.done_when).is_file()
 
 
-def _pretrain(cfg: Config) -> None:
-    pretrain(cfg)
-
-
 def plan_stages(cfg: Config) -> list[Stage]:
     """The stages `cfg` asks for, in the order they must run."""
     root, p = Path(cfg.out_dir), cfg.pipeline
@@ -65,7 +61,7 @@ def plan_stages(cfg: Config) -> list[Stage]:
 
     def pretrain_stage(method: str, **extra) -> None:
         values = {"train.method": method, "out_dir": str(root / method), "pseudo.labels": None, **extra}
-        stages.append(Stage(method, cfg, values, _pretrain, "finished"))
+        stages.append(Stage(method, cfg, values, pretrain, "finished"))
 
     fpre = cfg.pseudo.fpre
     if fpre is None or "simclr" in p.baselines:
@@ -134,20 +130,28 @@ def _warn_if_changed(stage: Stage) -> None:
 
 
 def summary_table(rows: list[dict]) -> str:
-    lines = ["| method | finetune | dataset | SA | RA | AA | AA images |", "|---|---|---|---:|---:|---:|---:|"]
+    """Markdown table; when AA ran on a subset, SA / RA / AA on those same images get their own columns."""
+    lines = ["| method | finetune | dataset | SA | RA | AA | AA images | SA / RA / AA on the AA images |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
+        sub = r.get("aa_subset")
         aa = "—" if r["AA"] is None else f"{r['AA']:.2f}"
-        aa_n = r["attack"].get("aa_n") or "—"
+        same = f"{sub['SA']:.2f} / {sub['RA']:.2f} / {sub['AA']:.2f}" if sub else "—"
         lines.append(f"| {r['method']} | {r['finetune'].upper()} | {r['dataset']} | {r['SA']:.2f} | {r['RA']:.2f} "
-                     f"| {aa} | {aa_n} |")
+                     f"| {aa} | {sub['n'] if sub else '—'} | {same} |")
     return "\n".join(lines) + "\n"
 
 
 def write_summary(rows: list[dict], root: Path) -> None:
     table = summary_table(rows)
-    eps = rows[0]["attack"]["eps_255"] if rows else None
-    note = (f"Accuracies in % on the test split; RA = PGD-{rows[0]['attack']['pgd_steps']}, AA = AutoAttack "
-            f"standard, L∞ ε = {eps}/255. Last epoch of every run (no test-set selection).\n") if rows else ""
+    note = ""
+    if rows:
+        first, steps = rows[0], rows[0]["attack"]["pgd_steps"]
+        chosen = ("the epoch with the best robust accuracy on a split held out of the training set"
+                  if any(r.get("selected_by") == "val_RA" for r in rows) else "the last epoch of every run")
+        note = (f"Accuracies in % on the test split ({first['n_test']} images); RA = PGD-{steps}, "
+                f"AA = AutoAttack standard; L∞ ε = {first['attack']['eps_255']}/255. Reported: {chosen} "
+                "(no selection on the test set).\n")
     write_text(f"# Results — {root}\n\n{table}\n{note}", root / "summary.md")
     write_json({"rows": rows, "written": now()}, root / "summary.json")
     print(table, end="", flush=True)

@@ -14,6 +14,10 @@ def test_defaults_are_the_authors_cifar10_settings():
     assert cfg.loss.temperature == 0.5 and cfg.loss.pseudo_weight == 0.2
     assert cfg.optim.lr == 0.5 and cfg.train.batch_size == 512 and cfg.train.epochs == 1000
     assert cfg.pseudo.ks == [2, 10, 50, 100, 500]
+    assert (cfg.attack.supervised_steps, cfg.attack.eval_steps) == (10, 20)
+    f = cfg.finetune
+    assert (f.mode, f.bn_branch, f.epochs, f.batch_size, f.momentum, f.weight_decay, f.milestones, f.gamma,
+            f.trades_beta) == ("slf", "pgd", 25, 512, 0.9, 2e-4, [15, 20], 0.1, 6.0)
     assert cfg.out_dir == "runs/advcl-cifar10"  # interpolation resolved
 
 
@@ -50,7 +54,13 @@ def test_wrong_type_names_the_key():
                                           ("train.batch_size=0", "train.batch_size"),
                                           ("train.amp=fp8", "train.amp"), ("pseudo.ks=[1,10]", "pseudo.ks"),
                                           ("pseudo.labels=/nope.npy", "pseudo.labels"),
-                                          ("optim.warmup_epochs=2000", "optim.warmup_epochs")])
+                                          ("optim.warmup_epochs=2000", "optim.warmup_epochs"),
+                                          ("finetune.mode=full", "finetune.mode"),
+                                          ("finetune.dataset=mnist", "finetune.dataset"),
+                                          ("finetune.val_fraction=1", "finetune.val_fraction"),
+                                          ("eval.aa_n=0", "eval.aa_n"),
+                                          ("pipeline.finetune=[slf,lp]", "pipeline.finetune"),
+                                          ("pipeline.baselines=[byol]", "pipeline.baselines")])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])

@@ -13,8 +13,8 @@ from advcl_dist.data import (
     build_loader,
     get_dataset,
 )
-
 from dataset_files import write_cifar10, write_cifar100, write_imagefolder, write_stl10
+
 
 def _assert_matches(dataset, images, labels):
     assert len(dataset) == len(images) == len(labels)

@@ -95,7 +95,8 @@ def test_alf_and_aff_run_and_train_the_right_parameters(tmp_path, pretrained, mo
 
 def test_alf_head_sees_adversarial_examples(tmp_path, pretrained):
     """The ALF loss on a batch is the CE of PGD examples: above the clean CE of the same crop."""
-    cfg = ft_cfg(tmp_path, pretrained, "finetune.mode=alf", "attack.supervised_steps=5", "attack.eps=0.1")
+    cfg = ft_cfg(tmp_path, pretrained, "finetune.mode=alf", "attack.supervised_steps=5", "attack.eps=0.1",
+                 "attack.step_size=0.02", "attack.random_start=false")
     alf = Finetuner(cfg)
     images, labels, _ = next(iter(alf.loader))
     alf.set_train_mode()
@@ -134,3 +135,13 @@ def test_transfer_to_stl10_resizes_to_the_pretraining_size(tmp_path, pretrained)
     assert model.head.out_features == 10
     with torch.no_grad():
         assert model(to_float(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))).shape == (1, 10)
+
+
+def test_evaluation_with_autoattack_writes_aa_beside_sa_and_ra_of_the_same_images(tmp_path, pretrained):
+    # A large ε so that APGD-CE breaks every image and the other three attacks have nothing left to do.
+    finetune(ft_cfg(tmp_path, pretrained, "eval.autoattack=true", "eval.aa_n=16", "attack.eps=0.5"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["attack"]["autoattack"] == "standard" and results["attack"]["aa_n"] == 16
+    subset = results["aa_subset"]
+    assert subset["n"] == 16 and results["AA"] == subset["AA"]
+    assert 0 <= subset["AA"] <= subset["RA"] <= subset["SA"] <= 100

@@ -9,9 +9,13 @@ TINY = ["data.name=digits", "model.width=4", "model.proj_dim=16", "train.batch_s
         "optim.warmup_epochs=0", "attack.steps=1", "train.log_every=2"]
 
 
-def pretrain(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "pretrain.py"), *args], capture_output=True,
+def tool(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / f"{name}.py"), *args], capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
+
+
+def pretrain(*args):
+    return tool("pretrain", *args)
 
 
 def test_tiny_run_writes_the_run_folder_and_a_rerun_does_nothing(tmp_path):
@@ -40,3 +44,17 @@ def test_missing_dataset_names_the_path_and_the_fix(tmp_path):
     assert res.returncode == 2
     assert str(tmp_path / "nothing") in res.stderr and "data.download=true" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_finetune_of_a_missing_checkpoint_names_it_and_the_fix(tmp_path):
+    missing = tmp_path / "nowhere" / "checkpoint.pt"
+    res = tool("finetune", "--config", str(ROOT / "configs" / "demo.yaml"), f"finetune.checkpoint={missing}",
+               f"out_dir={tmp_path / 'x'}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert str(missing) in res.stderr and "pretrain first" in res.stderr
+
+
+def test_every_tool_explains_itself():
+    for name in ("pretrain", "cluster", "finetune", "evaluate", "pipeline"):
+        res = tool(name, "--help")
+        assert res.returncode == 0 and "--config" in res.stdout and "key=value" in res.stdout, name

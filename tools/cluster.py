@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Pseudo-labels from f_pre features (ensemble k-means) into <out_dir>/pseudo_labels.npy:
-python tools/cluster.py --config configs/demo.yaml pseudo.fpre=runs/demo/simclr/checkpoint.pt out_dir=runs/demo/cluster"""
+python tools/cluster.py --config configs/demo.yaml pseudo.fpre=runs/demo/simclr/checkpoint.pt \\
+    out_dir=runs/demo/cluster"""
 import sys
 
 from advcl_dist.cli import run_stage

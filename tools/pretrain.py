@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Pretrain an encoder (advcl, simclr, supervised_at): python tools/pretrain.py --config configs/demo.yaml [key=value ...]"""
+"""Pretrain an encoder (advcl, simclr, supervised_at):
+python tools/pretrain.py --config configs/demo.yaml [key=value ...]"""
 import sys
 
 from advcl_dist.cli import run_stage
