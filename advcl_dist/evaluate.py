@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .attacks import pgd
-from .config import Config
+from .config import Config, ConfigError
 from .data import build_loader, get_dataset
 from .data.augment import to_float
 from .distributed import pick_device
@@ -28,10 +28,14 @@ RESULTS = "results.json"
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Classifier:
     """The classifier a finetuning run wrote (`classifier.pt`), in eval mode: [0, 1] images → logits."""
+    return _read_classifier(path, device)[0]
+
+
+def _read_classifier(path: str | Path, device) -> tuple[Classifier, dict]:
     state = load_checkpoint(Path(path), device)
     if "classifier" not in state:
-        raise ValueError(f"{path} is not a finetuned classifier (no 'classifier' entry); a pretraining checkpoint "
-                         "must be finetuned first: tools/finetune.py finetune.checkpoint=<it>")
+        raise ConfigError(f"{path} is not a finetuned classifier (no 'classifier' entry); a pretraining checkpoint "
+                          "must be finetuned first: tools/finetune.py finetune.checkpoint=<it>")
     meta = state["classifier"]
     if not state.get("finished", False):
         print(f"[evaluate] warning: {path} is from an unfinished finetuning run (epoch {state.get('epoch')})",
@@ -39,7 +43,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Cla
     encoder = BACKBONES[meta["arch"]](meta["width"], tuple(meta["branches"]))
     model = Classifier(encoder, meta["num_classes"], meta["branch"])
     model.load_state_dict(state["model"])
-    return model.to(device).eval()
+    return model.to(device).eval(), state
 
 
 def _batches(dataset, batch_size: int, image_size: int, device: torch.device):
@@ -108,8 +112,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None) -> dict:
         raise FileNotFoundError(f"classifier {path} does not exist; finetune first (tools/finetune.py) "
                                 "or set eval.checkpoint")
     device = pick_device(cfg.train.device)
-    model = load_classifier(path, device)
-    state = load_checkpoint(path, "cpu")
+    model, state = _read_classifier(path, device)
     meta = state["classifier"]
     root = cfg.finetune.root if cfg.finetune.root is not None else cfg.data.root
     test = get_dataset(meta["dataset"], "test", root, cfg.data.download)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from advcl_dist.config import load_config
+from advcl_dist.config import ConfigError, load_config
 from advcl_dist.data.augment import to_float
 from advcl_dist.engine import Trainer
 from advcl_dist.engine.checkpoint import load_encoder
@@ -145,3 +145,8 @@ def test_evaluation_with_autoattack_writes_aa_beside_sa_and_ra_of_the_same_image
     subset = results["aa_subset"]
     assert subset["n"] == 16 and results["AA"] == subset["AA"]
     assert 0 <= subset["AA"] <= subset["RA"] <= subset["SA"] <= 100
+
+
+def test_load_classifier_of_a_pretraining_checkpoint_says_to_finetune_it_first(pretrained):
+    with pytest.raises(ConfigError, match="must be finetuned first"):
+        load_classifier(pretrained)

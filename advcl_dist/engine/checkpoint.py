@@ -52,6 +52,7 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     Its architecture comes from the checkpoint's own config and its BN branches from its weights,
     so a finetuning config that differs from the pretraining one cannot build the wrong network.
     """
+    from ..config import ConfigError
     from ..models import BACKBONES
 
     path = Path(path)
@@ -60,7 +61,7 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[
                                 "(tools/pretrain.py) or point finetune.checkpoint / pseudo.fpre at a checkpoint.pt")
     state = load_checkpoint(path, device)
     if "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a pretraining checkpoint of this package (no 'model'/'config' entries)")
+        raise ConfigError(f"{path} is not a pretraining checkpoint of this package (no 'model'/'config' entries)")
     model_cfg = yaml.safe_load(state["config"])["model"]
     prefix = "encoder."
     weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
