@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 from .attacks import pgd
 from .config import Config, ConfigError
-from .data import build_loader, get_dataset
-from .data.augment import to_float
+from .data import get_dataset, ordered_batches
 from .distributed import pick_device
 from .engine.checkpoint import load_checkpoint, write_json
 from .models import BACKBONES, Classifier
@@ -46,20 +45,13 @@ def _read_classifier(path: str | Path, device) -> tuple[Classifier, dict]:
     return model.to(device).eval(), state
 
 
-def _batches(dataset, batch_size: int, image_size: int, device: torch.device):
-    loader = build_loader(dataset, batch_size, shuffle=False, drop_last=False, image_size=image_size)
-    loader.set_epoch(0)
-    for images, labels, _ in loader:
-        yield to_float(images.to(device)), labels.to(device)
-
-
 def correct_flags(model: torch.nn.Module, dataset, eps: float, step_size: float, steps: int, batch_size: int,
                   image_size: int, seed: int, keep: int = 0):
     """Per-image clean and PGD correctness over `dataset` in index order, and its first `keep` images."""
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     clean, robust, kept_x, kept_y = [], [], [], []
-    for x, y in _batches(dataset, batch_size, image_size, device):
+    for x, y in ordered_batches(dataset, batch_size, image_size, device):
         with torch.no_grad():
             clean.append(model(x).argmax(1) == y)
         x_adv = pgd(lambda z, y=y: F.cross_entropy(model(z), y), x, eps, step_size, steps, True, generator).x_adv

@@ -172,8 +172,8 @@ class Finetuner:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
                 self.epoch += 1
-                record = logger.flush(self.epoch * steps, self.epoch, lr)
-                self.validate(record)
+                logger.flush(self.epoch * steps, self.epoch, lr)
+                self.validate()
                 self.save(finished=self.epoch >= f.epochs)
         finally:
             logger.close()
@@ -181,7 +181,7 @@ class Finetuner:
         write_json(info, self.out / "run.json")
         return self.path
 
-    def validate(self, record: dict) -> None:
+    def validate(self) -> None:
         """With a validation split: robust accuracy on it; keep the best epoch's weights."""
         if self.val_set is None:
             return

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import build_loader
-from ..data.augment import to_float
+from ..data import ordered_batches
 from ..models import set_plan
 
 
@@ -19,11 +18,8 @@ def extract_features(encoder: nn.Module, dataset, batch_size: int, image_size: i
     depend on which other images share its batch.
     """
     encoder.eval()
-    loader = build_loader(dataset, batch_size, shuffle=False, drop_last=False, image_size=image_size)
-    loader.set_epoch(0)
     rows = []
-    for images, _, _ in loader:
-        x = to_float(images.to(device))
+    for x, _ in ordered_batches(dataset, batch_size, image_size, device):
         set_plan(encoder, ((branch, x.shape[0]),))
         try:
             rows.append(F.normalize(encoder(x).float(), dim=1).cpu())

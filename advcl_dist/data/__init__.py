@@ -1,7 +1,7 @@
 """Datasets and the deterministic, rank-sharded loader."""
 
 from advcl_dist.data.datasets import DATASETS, DatasetNotFoundError, get_dataset, num_classes
-from advcl_dist.data.loader import IndexedDataset, ShardedSampler, build_loader
+from advcl_dist.data.loader import IndexedDataset, ShardedSampler, build_loader, ordered_batches
 
 __all__ = [
     "DATASETS",
@@ -11,4 +11,5 @@ __all__ = [
     "build_loader",
     "get_dataset",
     "num_classes",
+    "ordered_batches",
 ]

@@ -12,6 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 
+from advcl_dist.data.augment import to_float
+
 
 class IndexedDataset(Dataset):
     """Yields ``(image uint8 [3,S,S], label, index)``; the index lets callers key per-sample state."""
@@ -174,3 +176,11 @@ def build_loader(
         generator=generator,
     )
     return Loader(dataset, batch_size, sampler, dataloader)
+
+
+def ordered_batches(dataset: Dataset, batch_size: int, image_size: int | None, device: torch.device | str):
+    """Float [0, 1] images and labels on `device`, in dataset-index order (evaluation, feature extraction)."""
+    loader = build_loader(dataset, batch_size, shuffle=False, drop_last=False, image_size=image_size)
+    loader.set_epoch(0)
+    for images, labels, _ in loader:
+        yield to_float(images.to(device)), labels.to(device)
