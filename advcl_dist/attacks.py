@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .rng import StepRandom, noise_generator
+
 
 @dataclass(frozen=True)
 class PGDResult:
@@ -20,16 +22,18 @@ class PGDResult:
 
 
 def pgd(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float, step_size: float,
-        steps: int, random_start: bool = True, generator: torch.Generator | None = None) -> PGDResult:
+        steps: int, random_start: bool = True, generator: torch.Generator | StepRandom | None = None) -> PGDResult:
     """Maximise `objective(x_adv)` (a scalar) by `steps` signed-gradient steps of `step_size`.
 
     Each step is projected onto the L∞ ball of radius `eps` around `x` and clamped to
-    [0, 1]. The random start is uniform in the ball (then clamped). Gradients reach
-    only the input: parameters' `.grad` are untouched.
+    [0, 1]. The random start is uniform in the ball (then clamped), drawn from `generator`
+    (a `StepRandom`'s per-rank noise stream). Gradients reach only the input: parameters'
+    `.grad` are untouched.
     """
     x = x.detach().to(torch.promote_types(x.dtype, torch.float32))  # never below fp32
     if random_start:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        source = None if generator is None else noise_generator(generator)
+        noise = torch.rand(x.shape, generator=source, device=x.device, dtype=x.dtype)
         x_adv = (x + (2 * noise - 1) * eps).clamp(0, 1)
     else:
         x_adv = x.clone()

@@ -97,10 +97,13 @@ class TrainConfig:
     batch_size: int = 512  # global: divided over ranks
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | off
+    amp: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32 ("off" would read as a YAML bool)
     channels_last: bool = True  # on GPU only
     ckpt_every: int = 500  # steps between checkpoints (also written at the end)
     log_every: int = 50  # steps between metric lines / TensorBoard points
+    engine: str = "ddp"  # ddp (torch DistributedDataParallel; plain module on one process) | deepspeed
+    sync_bn: bool = False  # BN statistics over all ranks (SyncBN); default per-rank, as the authors train
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2 (engine=deepspeed)
 
 
 @dataclass
@@ -155,6 +158,7 @@ class Config:
 
 
 FINETUNE_MODES = ("slf", "alf", "aff")
+ENGINES = ("ddp", "deepspeed")
 BASELINES = ("simclr", "supervised_at")
 
 
@@ -220,7 +224,10 @@ def validate(cfg: Config) -> None:
     need(cfg.train.method in METHODS, "train.method", f"{cfg.train.method!r} is not one of {sorted(METHODS)}")
     need(cfg.model.arch in BACKBONES, "model.arch", f"{cfg.model.arch!r} is not one of {sorted(BACKBONES)}")
     need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
-    need(cfg.train.amp in ("auto", "bf16", "off"), "train.amp", "must be auto, bf16 or off")
+    need(cfg.train.amp in ("auto", "bf16", "fp32"), "train.amp", "must be auto, bf16 or fp32")
+    need(cfg.train.engine in ENGINES, "train.engine", f"{cfg.train.engine!r} is not one of {list(ENGINES)}")
+    need(cfg.train.zero_stage in (0, 1, 2), "train.zero_stage", "must be 0, 1 or 2 (ZeRO-3 shards the weights, "
+         "which the attacks' plain forwards cannot use)")
     for key in ("train.epochs", "train.batch_size", "train.ckpt_every", "train.log_every", "model.width",
                 "views.size", "loss.temperature", "optim.lr", "finetune.epochs", "finetune.batch_size",
                 "eval.batch_size", "pseudo.iters"):

@@ -1,8 +1,20 @@
-"""Process-group context. Single process for now; torchrun / SLURM initialisation builds on this."""
+"""Process groups from torchrun, SLURM or a single process, and the collectives that need autograd.
+
+Launchers, in order of precedence:
+- torchrun (also `srun torchrun`): RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
+- SLURM tasks (`srun`, submitit): SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; the master is the first
+  host of the job's node list and the port is derived from the job id, so every task agrees without
+  talking (submitit's `TorchDistributedEnvironment` does both);
+- otherwise one process, no process group.
+NCCL on GPUs (one device per local rank), gloo on CPU.
+"""
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,34 +27,133 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    launcher: str = "single"  # single | torchrun | slurm | external (a group made by the caller)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    init_method: str
+    launcher: str
+
+
+def launch_env() -> LaunchEnv | None:
+    """Where this process sits in a multi-process launch, read from the environment; None when alone."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "env://",
+                         "torchrun")
+    # SLURM_STEP_ID marks an `srun` step: a plain `python` in an sbatch script or salloc shell is one process
+    # even when the allocation has several tasks, and must not wait for peers that will never come.
+    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID")):
+        from submitit.helpers import TorchDistributedEnvironment
+
+        slurm = TorchDistributedEnvironment()
+        return LaunchEnv(slurm.rank, slurm.world_size, slurm.local_rank,
+                         f"tcp://{slurm.master_addr}:{slurm.master_port}", "slurm")
+    return None
+
+
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """`cuda:<local rank>` (or the only visible GPU, when the launcher gives each task one) or the CPU."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
-        return torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if count > 1 and local_rank >= count:
+            raise RuntimeError(f"local rank {local_rank} has no GPU: only {count} are visible on this node; "
+                               "start one process per GPU (torchrun --nproc_per_node / --gpus-per-node)")
+        return torch.device("cuda", local_rank if count > 1 else 0)
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the already-initialised process group if there is one, else run as one process."""
+def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> DistInfo:
+    """Join the caller's process group, or create one from the launcher's environment, or run alone."""
     if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        return DistInfo(rank, world, local, pick_device(device, local))
-    return DistInfo(0, 1, 0, pick_device(device))
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local, pick_device(device, local), "external")
+    env = launch_env()
+    if env is None or env.world_size == 1:
+        return DistInfo(0, 1, 0, pick_device(device))
+    dev = pick_device(device, env.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=env.init_method,
+                            rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistInfo(env.rank, env.world_size, env.local_rank, dev, env.launcher)
+
+
+@contextlib.contextmanager
+def distributed_session(device: str = "auto") -> Iterator[DistInfo]:
+    """`init_distributed` for the duration of a stage; a group created here is destroyed on exit."""
+    created = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        if created and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
 
 
 def node_names() -> list[str]:
     """Host names of all ranks, in rank order (one entry per rank)."""
     name = socket.gethostname()
-    if not (dist.is_available() and dist.is_initialized()):
+    if world_size() == 1:
         return [name]
     names: list[str] = [""] * dist.get_world_size()
     dist.all_gather_object(names, name)
     return names
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` of rank `src`, on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows, concatenated in rank order; the backward hands each rank the summed gradient of its rows.
+
+    Written here because torch.distributed.nn's autograd all_gather is deprecated; all_reduce (not
+    reduce_scatter) keeps it working on gloo, and the tensors gathered here are small.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+
+
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows (every rank passes the same number; autograd flows back to the owner) and this
+    rank's row offset. Gradients are summed over ranks: each rank's loss counts, as in sum-of-losses."""
+    if world_size() == 1:
+        return x, 0
+    return _GatherRows.apply(x), dist.get_rank() * x.shape[0]

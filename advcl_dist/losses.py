@@ -7,40 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from .distributed import gather_rows
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-class _GatherRows(torch.autograd.Function):
-    """All ranks' rows, concatenated in rank order; the backward hands each rank the summed gradient of its rows.
-
-    Written here because torch.distributed.nn's autograd all_gather is deprecated; all_reduce (not
-    reduce_scatter) keeps it working on gloo, and the tensor is small (B·V·D).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        rows = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
-
-
-def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' rows (autograd flows back to the owner) and this rank's row offset."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    return _GatherRows.apply(x), dist.get_rank() * x.shape[0]
 
 
 def multiview_nt_xent(z: torch.Tensor, temperature: float = 0.5, gather: bool = False) -> torch.Tensor:
@@ -56,7 +29,7 @@ def multiview_nt_xent(z: torch.Tensor, temperature: float = 0.5, gather: bool = 
     with torch.autocast(z.device.type, enabled=False):  # the similarity matmul too stays fp32
         b, v, _ = z.shape
         anchors = F.normalize(_at_least_fp32(z), dim=-1).reshape(b * v, -1)
-        contrast, offset = _gather_with_grad(anchors) if gather else (anchors, 0)
+        contrast, offset = gather_rows(anchors) if gather else (anchors, 0)
         logits = anchors @ contrast.T / temperature
         rows = torch.arange(b * v, device=z.device)
         cols = torch.arange(contrast.shape[0], device=z.device)

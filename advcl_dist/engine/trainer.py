@@ -18,9 +18,12 @@ import yaml
 
 from ..config import Config, ConfigError, to_yaml
 from ..data import build_loader, get_dataset, num_classes
-from ..distributed import DistInfo, init_distributed, node_names
+from ..distributed import DistInfo, barrier, distributed_session, init_distributed, node_names
 from ..methods import Method, build_method
-from .checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
+from ..models.sync_bn import convert_sync_batchnorm
+from ..rng import StepRandom
+from .backends import build_engine
+from .checkpoint import write_json, write_text
 from .metrics import MetricLogger, NonFiniteLossError
 from .run_info import now, run_info
 from .schedule import warmup_cosine
@@ -63,57 +66,61 @@ class Trainer:
             raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(self.dataset)} training images")
         self.method: Method = build_method(cfg, len(self.dataset), self.device, num_classes(self.dataset))
         torch.manual_seed(t.seed)
-        self.model = self.method.build_model().to(self.device)
+        model = self.method.build_model().to(self.device)
+        if t.sync_bn and self.dist.world_size > 1:
+            model = convert_sync_batchnorm(model, self.device)
         self.channels_last = t.channels_last and self.device.type == "cuda"
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)
         o = cfg.optim
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
-                                         weight_decay=o.weight_decay)
+        optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         self.steps_per_epoch = self.loader.batches_per_epoch
         self.total_steps = t.epochs * self.steps_per_epoch
         schedule = partial(warmup_cosine, total_steps=self.total_steps,
                            warmup_steps=round(o.warmup_epochs * self.steps_per_epoch), lr=o.lr, min_lr=o.min_lr,
                            warmup_start_lr=o.warmup_start_lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: schedule(s) / o.lr)
-        # Views and attacks draw from their own generator, so their randomness survives a resume.
-        self.generator = torch.Generator(self.device).manual_seed(t.seed * 1000 + self.dist.rank)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s) / o.lr)
+        self.engine = build_engine(t.engine, model, optimizer, scheduler, self.dist, self.loader.batch_size,
+                                   t.zero_stage)
+        # Views and attacks reseed from (seed, step) every step: nothing to checkpoint, and a sample's
+        # views do not depend on the number of ranks (see rng.StepRandom).
+        self.random = StepRandom(self.device, t.seed, self.dist.rank, self.dist.world_size)
         self.step = 0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The plain network (not the DDP / DeepSpeed wrapper)."""
+        return self.engine.module
 
     # -- checkpoint -------------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
         return self.out / CHECKPOINT
 
-    def state_dict(self, finished: bool = False) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
-                "step": self.step, "total_steps": self.total_steps, "finished": finished,
+    def facts(self, finished: bool = False) -> dict:
+        """What a checkpoint records beside the weights and optimizer state."""
+        return {"step": self.step, "total_steps": self.total_steps, "finished": finished,
                 "method": self.cfg.train.method, "num_classes": self.method.num_classes,
-                "config": to_yaml(self.cfg)}
+                "world_size": self.dist.world_size, "engine": self.cfg.train.engine, "config": to_yaml(self.cfg)}
 
     def save(self, finished: bool = False) -> None:
-        if self.dist.is_main:
-            save_checkpoint(self.state_dict(finished), self.checkpoint_path)
+        self.engine.save(self.checkpoint_path, self.facts(finished))
 
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
-        state = load_checkpoint(self.checkpoint_path, self.device)
+        state = self.engine.load(self.checkpoint_path)
         changed = changed_keys(state["config"], to_yaml(self.cfg))
         if changed and self.dist.is_main:
             print(f"[pretrain] warning: resuming {self.checkpoint_path} with a changed config: {', '.join(changed)}",
                   flush=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"].to("cpu"))
         self.step = state["step"]
         return True
 
-    def _provenance(self, resumed: bool) -> dict:
+    def _provenance(self, resumed: bool, nodes: list[str]) -> dict:
         """run.json for this session; a resumed run keeps its first start and lists where it resumed."""
-        info = run_info(self.dist.world_size, node_names(), self.device)
+        info = run_info(self.dist.world_size, nodes, self.device)
+        info.update(launcher=self.dist.launcher, engine=self.cfg.train.engine, sync_bn=self.cfg.train.sync_bn)
         path = self.out / "run.json"
         previous = json.loads(path.read_text()) if resumed and path.exists() else {}
         info["start"] = previous.get("start", info["start"])
@@ -131,13 +138,12 @@ class Trainer:
             if main:
                 print(f"[pretrain] already finished ({self.checkpoint_path}); nothing to do", flush=True)
             return self.out
+        nodes = node_names()  # a collective: every rank takes part
         if main:
             write_text(to_yaml(cfg), self.out / "config.yaml")
-            info = self._provenance(resumed)
+            info = self._provenance(resumed, nodes)
             write_json(info, self.out / "run.json")
-            print(f"[pretrain] {cfg.train.method} on {cfg.data.name}: {len(self.dataset)} images, "
-                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, device {self.device}"
-                  + (f", resumed at step {self.step}" if resumed else "") + f" → {self.out}", flush=True)
+            print(self._header(resumed), flush=True)
         logger = MetricLogger(self.out, self.total_steps, self.step, cfg.train.batch_size, enabled=main)
         try:
             self._loop(logger, stop_after_steps, on_step)
@@ -151,13 +157,26 @@ class Trainer:
             info["steps_done"] = self.step
             info["finished"] = self.step >= self.total_steps
             write_json(info, self.out / "run.json")
+        barrier()  # no rank returns before rank 0's last checkpoint and run.json are written
         return self.out
+
+    def _header(self, resumed: bool) -> str:
+        cfg, w = self.cfg, self.dist.world_size
+        left_out = len(self.dataset) - self.steps_per_epoch * cfg.train.batch_size
+        ranks = (f"{w} ranks × {cfg.train.batch_size // w} images ({cfg.train.engine}"
+                 + (", SyncBN" if cfg.train.sync_bn else "") + ")") if w > 1 else "1 process"
+        return (f"[pretrain] {cfg.train.method} on {cfg.data.name}: {len(self.dataset)} images, "
+                f"{self.steps_per_epoch} steps/epoch of {cfg.train.batch_size} on {ranks}, "
+                f"{self.total_steps} steps, device {self.device}"
+                + (f"; each epoch leaves out {left_out} images (the partial last batch; reshuffled every epoch)"
+                   if left_out else "")
+                + (f", resumed at step {self.step}" if resumed else "") + f" → {self.out}")
 
     def _loop(self, logger: MetricLogger, stop_after_steps, on_step) -> None:
         t = self.cfg.train
         last = min(self.total_steps, stop_after_steps or self.total_steps)
-        raw_model = self.model
-        self.model.train()
+        engine = self.engine
+        engine.module.train()
         while self.step < last:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
             self.loader.set_epoch(epoch, start_batch=skip)
@@ -167,16 +186,14 @@ class Trainer:
                 indices = indices.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
                 with autocast_for(self.cfg, self.device):
-                    out = self.method.training_step(self.model, images, indices, self.generator, raw_model, labels)
-                self.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                self.optimizer.step()
-                self.scheduler.step()
+                    out = self.method.training_step(engine.model, images, indices, self.random.reseed(self.step),
+                                                    engine.module, labels)
+                engine.update(out.loss)
                 self.step += 1
                 logger.update(out.metrics)
                 record = None
                 if self.step % t.log_every == 0 or self.step % t.ckpt_every == 0 or self.step == last:
-                    record = logger.flush(self.step, epoch, self.optimizer.param_groups[0]["lr"])
+                    record = logger.flush(self.step, epoch, engine.lr)
                 if self.step % t.ckpt_every == 0 or self.step == last:
                     self.save(finished=self.step == self.total_steps)
                 if on_step is not None:
@@ -186,5 +203,6 @@ class Trainer:
 
 
 def pretrain(cfg: Config, stop_after_steps: int | None = None) -> Path:
-    """Run (or resume) pretraining as configured; returns the run folder."""
-    return Trainer(cfg).fit(stop_after_steps)
+    """Run (or resume) pretraining as configured, on every rank the launcher started; returns the run folder."""
+    with distributed_session(cfg.train.device) as dist_info:
+        return Trainer(cfg, dist_info).fit(stop_after_steps)

@@ -47,6 +47,10 @@ class AdvCL(Method):
         if cfg.pseudo.labels is not None:
             labels = load_pseudo_labels(cfg.pseudo.labels, num_samples, cfg.pseudo.ks)
             self.pseudo_labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+        else:
+            # Without pseudo-labels there is no δ_ce: a `pgd_ce` BN branch would hold parameters that
+            # never get a gradient (which DDP rejects) and that no later stage uses.
+            self.branches = ("normal", "pgd")
 
     def pseudo_ks(self):
         return tuple(self.cfg.pseudo.ks) if self.pseudo_labels is not None else ()

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..losses import multiview_nt_xent
 from ..models import AdvCLNet, build_model
+from ..rng import StepRandom
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -55,9 +56,12 @@ class Method:
         return scale * multiview_nt_xent(z, loss_cfg.temperature, gather=True)
 
     def training_step(self, model: nn.Module, images: torch.Tensor, indices: torch.Tensor,
-                      generator: torch.Generator, attack_model: nn.Module | None = None,
+                      generator: StepRandom, attack_model: nn.Module | None = None,
                       labels: torch.Tensor | None = None) -> StepOutput:
         """`images` uint8 [B, C, H, W] on the device; `model` may be wrapped (DDP), `attack_model` not.
+
+        Draw every random number from `generator` (reseeded each step), so that views do not depend
+        on the number of ranks and a resumed run replays exactly.
 
         `labels` are the dataset's labels; only supervised methods may use them.
         """
