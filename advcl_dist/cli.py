@@ -5,12 +5,22 @@ import sys
 from collections.abc import Callable
 
 from .config import Config, ConfigError, build_parser, config_from_args
+from .distributed import launch_env
 
 
-def run_stage(stage: Callable[[Config], object], description: str, argv: list[str] | None = None) -> int:
-    """Parse `--config X key=value ...`, run `stage(cfg)`; a user error prints one line and exits 2."""
+def run_stage(stage: Callable[[Config], object], description: str, argv: list[str] | None = None,
+              multi_rank: bool = False) -> int:
+    """Parse `--config X key=value ...`, run `stage(cfg)`; a user error prints one line and exits 2.
+
+    Stages that are not `multi_rank` refuse a multi-process launch instead of running N copies that
+    write the same files.
+    """
     args = build_parser(description).parse_args(argv)
     try:
+        launch = launch_env()
+        if not multi_rank and launch is not None and launch.world_size > 1:
+            raise ConfigError(f"{stage.__name__} runs in one process, but this is rank {launch.rank} of "
+                              f"{launch.world_size} ({launch.launcher}); start it with plain python (one task)")
         stage(config_from_args(args))
     except (ConfigError, FileNotFoundError) as e:  # bad keys/values, missing data or checkpoint
         print(f"error: {e}", file=sys.stderr)

@@ -4,7 +4,7 @@ Launchers, in order of precedence:
 - torchrun (also `srun torchrun`): RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
 - SLURM tasks (`srun`, submitit): SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; the master is the first
   host of the job's node list and the port is derived from the job id, so every task agrees without
-  talking (submitit's `TorchDistributedEnvironment` does both);
+  talking (MASTER_ADDR / MASTER_PORT, when set, win);
 - otherwise one process, no process group.
 NCCL on GPUs (one device per local rank), gloo on CPU.
 """
@@ -52,12 +52,20 @@ def launch_env() -> LaunchEnv | None:
     # SLURM_STEP_ID marks an `srun` step: a plain `python` in an sbatch script or salloc shell is one process
     # even when the allocation has several tasks, and must not wait for peers that will never come.
     if all(k in env for k in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID")):
-        from submitit.helpers import TorchDistributedEnvironment
+        # submitit's SLURM environment parses the compressed node list (node[3-4],gpu07 → node3, ...).
+        from submitit.slurm.slurm import SlurmJobEnvironment
 
-        slurm = TorchDistributedEnvironment()
-        return LaunchEnv(slurm.rank, slurm.world_size, slurm.local_rank,
-                         f"tcp://{slurm.master_addr}:{slurm.master_port}", "slurm")
+        slurm = SlurmJobEnvironment()
+        addr = env.get("MASTER_ADDR", slurm.hostnames[0])
+        port = int(env.get("MASTER_PORT", slurm_port(slurm.job_id)))
+        return LaunchEnv(slurm.global_rank, slurm.num_tasks, slurm.local_rank, f"tcp://{addr}:{port}", "slurm")
     return None
+
+
+def slurm_port(job_id: str) -> int:
+    """A port in [20000, 60000) every task of the job computes alike; jobs sharing a node rarely collide."""
+    digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"  # array jobs: 123_4
+    return 20000 + int(digits) % 40000
 
 
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:

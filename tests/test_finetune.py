@@ -65,7 +65,7 @@ def test_load_classifier_reproduces_the_finetuned_model_with_the_pgd_bn_branch(t
         assert torch.equal(loaded(x), finetuner.model(x))
         # Independent path: the pretrained encoder with its `pgd` BN branch, then the saved head.
         encoder, info = load_encoder(pretrained)
-        assert info["branches"] == ["normal", "pgd", "pgd_ce"]
+        assert info["branches"] == ["normal", "pgd"]  # no pseudo-labels: no δ_ce, no `pgd_ce` branch
         set_plan(encoder, (("pgd", 8),))
         expected = loaded.head(encoder(x))
         set_plan(encoder, (("normal", 8),))

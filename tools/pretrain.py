@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Pretrain an encoder (advcl, simclr, supervised_at):
-python tools/pretrain.py --config configs/demo.yaml [key=value ...]"""
+"""Pretrain an encoder (advcl, simclr, supervised_at) on one process or on every rank of a launch:
+python tools/pretrain.py --config configs/demo.yaml [key=value ...]
+torchrun --nproc_per_node 8 tools/pretrain.py --config configs/cifar10_advcl.yaml [key=value ...]"""
 import sys
 
 from advcl_dist.cli import run_stage
 from advcl_dist.engine import pretrain
 
 if __name__ == "__main__":
-    sys.exit(run_stage(pretrain, __doc__))
+    sys.exit(run_stage(pretrain, __doc__, multi_rank=True))
