@@ -50,6 +50,9 @@ class TorchEngine:
 
     def load(self, path: Path) -> dict:
         state = load_checkpoint(path, self.dist.device)
+        if "optimizer" not in state:
+            raise RuntimeError(f"{path} was written by train.engine={state.get('engine')}; resume it with that "
+                               "engine or start a new out_dir")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -100,7 +103,7 @@ class DeepSpeedEngine:
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, dist_info: DistInfo,
                  local_batch: int, zero_stage: int):
         deepspeed = import_deepspeed(dist_info.device)
-        self.dist = dist_info
+        self.dist, self.zero_stage = dist_info, zero_stage
         config = deepspeed_config(local_batch, dist_info.world_size, zero_stage)
         level = deepspeed.utils.logger.level
         deepspeed.utils.logger.setLevel(logging.ERROR)  # "untested optimizer": see deepspeed_config
@@ -136,6 +139,9 @@ class DeepSpeedEngine:
         if tag is None:
             raise RuntimeError(f"{path} was written by train.engine=ddp; resume it with that engine "
                                "or start a new out_dir")
+        if self.zero_stage > 0 and state.get("world_size") != self.dist.world_size:
+            raise RuntimeError(f"{path}: ZeRO-{self.zero_stage} state was sharded over {state.get('world_size')} "
+                               f"ranks and cannot be resumed on {self.dist.world_size}; use that many ranks")
         loaded, _ = self.model.load_checkpoint(str(path.parent / "deepspeed"), tag=tag)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed checkpoint {path.parent / 'deepspeed' / tag} is missing; "

@@ -1,9 +1,9 @@
 """The training loop shared by every pretraining method.
 
-loader (uint8) → device → method step (views, attacks, one multi-branch forward) →
-one backward → SGD with warm-up + cosine. bf16 autocast and channels_last on GPU;
-an atomic checkpoint every `train.ckpt_every` steps to one fixed file; auto-resume
-from it, replaying the data order and the augmentation/attack RNG exactly.
+loader (uint8) → device → method step (views, attacks, one multi-branch forward) → one backward →
+SGD with warm-up + cosine, through DDP or DeepSpeed (engine/backends.py). bf16 autocast and
+channels_last on GPU; an atomic checkpoint every `train.ckpt_every` steps to one fixed file;
+auto-resume from it, replaying the data order and the augmentation/attack randomness exactly.
 """
 from __future__ import annotations
 
