@@ -129,15 +129,6 @@ def node_names() -> list[str]:
     return names
 
 
-def broadcast_object(obj, src: int = 0):
-    """`obj` of rank `src`, on every rank."""
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 class _GatherRows(torch.autograd.Function):
     """All ranks' rows, concatenated in rank order; the backward hands each rank the summed gradient of its rows.
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import torch
 
-_MASK = (1 << 63) - 1
+_U64 = (1 << 64) - 1
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
     """A 63-bit seed for (seed, step, stream); distinct inputs give unrelated seeds (splitmix64 finaliser)."""
-    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & ((1 << 64) - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
-    return (z ^ (z >> 31)) & _MASK
+    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return (z ^ (z >> 31)) & (_U64 >> 1)  # 63 bits
 
 
 class StepRandom:
