@@ -76,8 +76,14 @@ class LossConfig:
 class PseudoConfig:
     labels: str | None = None  # pseudo_labels.npy, [N, len(ks)] int, row i = dataset index i
     ks: list[int] = field(default_factory=lambda: [2, 10, 50, 100, 500])
-    fpre: str | None = None  # f_pre checkpoint for the clustering stage; the pipeline's SimCLR run when null
+    # f_pre for the clustering stage: a checkpoint.pt of ours or a torchvision ResNet-50 state dict;
+    # the pipeline's SimCLR run when null
+    fpre: str | None = None
     iters: int = 20  # k-means iterations
+    init: str = "kmeans++"  # kmeans++ (over a global sample) | random (rows drawn by global index)
+    init_sample_per_k: int = 256  # k-means++ runs on min(N, this × K) rows drawn by global index
+    pca: int | None = None  # project the L2-normalised features onto this many principal components (null: off)
+    pca_whiten: bool = True  # divide each component by its standard deviation (DeepCluster), then L2-normalise
 
 
 @dataclass
@@ -159,6 +165,7 @@ class Config:
 
 FINETUNE_MODES = ("slf", "alf", "aff")
 ENGINES = ("ddp", "deepspeed")
+KMEANS_INITS = ("kmeans++", "random")
 BASELINES = ("simclr", "supervised_at")
 
 
@@ -230,7 +237,7 @@ def validate(cfg: Config) -> None:
          "which the attacks' plain forwards cannot use)")
     for key in ("train.epochs", "train.batch_size", "train.ckpt_every", "train.log_every", "model.width",
                 "views.size", "loss.temperature", "optim.lr", "finetune.epochs", "finetune.batch_size",
-                "eval.batch_size", "pseudo.iters"):
+                "eval.batch_size", "pseudo.iters", "pseudo.init_sample_per_k"):
         need(functools.reduce(getattr, key.split("."), cfg) > 0, key, "must be > 0")
     need(cfg.data.workers >= 0, "data.workers", "must be >= 0")
     need(0 <= cfg.optim.warmup_epochs < cfg.train.epochs, "optim.warmup_epochs", "must be in [0, train.epochs)")
@@ -239,6 +246,8 @@ def validate(cfg: Config) -> None:
          "eps, step_size and the step counts must be >= 0")
     need(0 < cfg.views.crop_scale_min <= 1, "views.crop_scale_min", "must be in (0, 1]")
     need(all(k >= 2 for k in cfg.pseudo.ks), "pseudo.ks", "every K must be >= 2")
+    need(cfg.pseudo.init in KMEANS_INITS, "pseudo.init", f"{cfg.pseudo.init!r} is not one of {list(KMEANS_INITS)}")
+    need(cfg.pseudo.pca is None or cfg.pseudo.pca > 0, "pseudo.pca", "must be > 0 (or null for no PCA)")
     f = cfg.finetune
     need(f.mode in FINETUNE_MODES, "finetune.mode", f"{f.mode!r} is not one of {list(FINETUNE_MODES)}")
     need(f.dataset is None or f.dataset in DATASETS, "finetune.dataset",

@@ -68,6 +68,13 @@ def slurm_port(job_id: str) -> int:
     return 20000 + int(digits) % 40000
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (for single-node launches made by the tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """`cuda:<local rank>` (or the only visible GPU, when the launcher gives each task one) or the CPU."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
@@ -127,6 +134,25 @@ def node_names() -> list[str]:
     names: list[str] = [""] * dist.get_world_size()
     dist.all_gather_object(names, name)
     return names
+
+
+def gather_shards(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's rows concatenated in rank order (shards may differ in length), and the row counts.
+
+    No autograd. Rows are padded to the longest shard because all_gather needs equal shapes.
+    """
+    if world_size() == 1:
+        return x, [x.shape[0]]
+    world = dist.get_world_size()
+    count = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]), counts
 
 
 class _GatherRows(torch.autograd.Function):

@@ -1,19 +1,12 @@
 """`multiview_nt_xent(gather=True)` over 2 gloo processes == the loss on the concatenated batch."""
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from advcl_dist.distributed import free_port
 from advcl_dist.losses import multiview_nt_xent
 
 B, V, D, WORLD = 3, 4, 8, 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def full_batch():

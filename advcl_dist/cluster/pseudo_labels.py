@@ -1,43 +1,46 @@
-"""Ensemble k-means pseudo-labels (ClusterFit) from f_pre features: the clustering stage.
+"""The clustering stage: f_pre features of the unlabelled set → k-means for every K → pseudo-labels.
 
-Single process with faiss on the local device; the distributed, sharded version replaces
-`ensemble_kmeans` later without changing the files this stage writes:
-`pseudo_labels.npy` [N, len(K)] int32 (row i = dataset index i), `centroids.npz` (one array
-per K) and `clusters.json` (inertia and cluster sizes per K), written last.
+Runs on one process or on every rank of a launch (torchrun, srun). Each rank extracts the features of
+its contiguous block of dataset indices (cached under `features/` for a requeued job) and the k-means
+of every K runs over the shards with the features read once. Rank 0 writes `pseudo_labels.npy`
+[N, len(K)] int32 (row i = dataset index i), `centroids.npz` (one array per K) and, last,
+`clusters.json` (inertia and cluster sizes per K), whose presence marks the stage as done.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-import faiss
-import numpy as np
+import torch
 
 from ..config import Config, ConfigError, to_yaml
 from ..data import get_dataset
-from ..distributed import node_names, pick_device
-from ..engine.checkpoint import load_encoder, write_json, write_text
+from ..distributed import barrier, distributed_session, gather_shards, node_names
+from ..engine.checkpoint import save_array, write_json, write_text
 from ..engine.run_info import now, run_info
-from .features import extract_features
+from .features import load_fpre, pca, shard_features
+from .kmeans import fit_kmeans
 
 PSEUDO_LABELS = "pseudo_labels.npy"
 CLUSTERS = "clusters.json"
 
 
-def ensemble_kmeans(features: np.ndarray, ks, iters: int, seed: int) -> tuple[np.ndarray, dict, dict]:
-    """k-means for every K: labels [N, len(ks)] int32, centroids {K: [K, D]}, stats {K: inertia, sizes}."""
-    x = np.ascontiguousarray(features, dtype=np.float32)
-    labels = np.empty((len(x), len(ks)), dtype=np.int32)
+def ensemble_kmeans(x: torch.Tensor, ks, iters: int, seed: int, init: str = "kmeans++",
+                    init_sample_per_k: int = 256, log=None) -> tuple[torch.Tensor, dict, dict]:
+    """k-means for every K on this rank's rows: labels [n_local, len(ks)] int32, centroids {K: [K, D]},
+    stats {"K": {inertia, sizes, reseeded, seconds}} (global, the same on every rank)."""
+    labels = torch.empty(x.shape[0], len(ks), dtype=torch.int32, device=x.device)
     centroids, stats = {}, {}
     for col, k in enumerate(ks):
-        if k > len(x):
-            raise ConfigError(f"pseudo.ks has K={k} but the data has only {len(x)} images")
-        # faiss subsamples to max_points_per_centroid·K points by default; cluster every point instead.
-        km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, max_points_per_centroid=len(x), verbose=False)
-        km.train(x)
-        distances, assigned = km.index.search(x, 1)
-        labels[:, col] = assigned[:, 0]
-        centroids[k] = km.centroids.copy()
-        stats[str(k)] = {"inertia": float(distances.sum()), "sizes": np.bincount(assigned[:, 0], minlength=k).tolist()}
+        start = time.perf_counter()
+        r = fit_kmeans(x, k, iters, seed, init, init_sample_per_k)
+        labels[:, col] = r.labels.to(torch.int32)
+        centroids[k] = r.centroids.cpu().numpy()
+        stats[str(k)] = {"inertia": r.inertia, "sizes": r.sizes, "reseeded": r.reseeded,
+                         "seconds": round(time.perf_counter() - start, 3)}
+        if log:
+            log(f"K={k}: inertia {r.inertia:.6g}, sizes {min(r.sizes)}–{max(r.sizes)}, "
+                f"{r.reseeded} empty re-seeded, {stats[str(k)]['seconds']:.1f} s")
     return labels, centroids, stats
 
 
@@ -45,23 +48,48 @@ def cluster(cfg: Config) -> Path:
     """Features of f_pre (`pseudo.fpre`) on the training set → ensemble k-means → files in out_dir."""
     p, out = cfg.pseudo, Path(cfg.out_dir)
     if p.fpre is None:
-        raise ConfigError("pseudo.fpre is not set; point it at the f_pre checkpoint.pt (e.g. a SimCLR run)")
-    device = pick_device(cfg.train.device)
-    dataset = get_dataset(cfg.data.name, cfg.data.split, cfg.data.root, cfg.data.download)
-    encoder, fpre = load_encoder(p.fpre, device)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(to_yaml(cfg), out / "config.yaml")
-    info = run_info(1, node_names(), device)
-    print(f"[cluster] f_pre {p.fpre} ({fpre['method']}) on {cfg.data.name}/{cfg.data.split}: "
-          f"{len(dataset)} images, K = {list(p.ks)} → {out}", flush=True)
-    features = extract_features(encoder, dataset, cfg.eval.batch_size, cfg.views.size, device).numpy()
-    labels, centroids, stats = ensemble_kmeans(features, p.ks, p.iters, cfg.train.seed)
-    np.save(out / PSEUDO_LABELS, labels)
-    np.savez(out / "centroids.npz", **{f"K{k}": c for k, c in centroids.items()})
-    for k, s in stats.items():
-        print(f"[cluster] K={k}: inertia {s['inertia']:.4g}, sizes {min(s['sizes'])}–{max(s['sizes'])}", flush=True)
-    write_json({"fpre": fpre, "dataset": cfg.data.name, "split": cfg.data.split, "n": len(dataset),
-                "ks": list(p.ks), "iters": p.iters, "seed": cfg.train.seed, "clusters": stats}, out / CLUSTERS)
-    info.update(end=now(), finished=True)
-    write_json(info, out / "run.json")
+        raise ConfigError("pseudo.fpre is not set; point it at the f_pre checkpoint.pt (e.g. a SimCLR run) "
+                          "or a torchvision ResNet-50 state dict")
+    with distributed_session(cfg.train.device) as info:
+        dataset = get_dataset(cfg.data.name, cfg.data.split, cfg.data.root, cfg.data.download)
+        too_big = [k for k in p.ks if k > len(dataset)]
+        if too_big:
+            raise ConfigError(f"pseudo.ks has K={too_big[0]} but {cfg.data.name}/{cfg.data.split} has only "
+                              f"{len(dataset)} images")
+        encoder, fpre = load_fpre(p.fpre, info.device)
+
+        def log(msg: str) -> None:
+            if info.is_main:
+                print(f"[cluster] {msg}", flush=True)
+
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text(to_yaml(cfg), out / "config.yaml")
+        run = run_info(info.world_size, node_names(), info.device)
+        log(f"f_pre {p.fpre} ({fpre.get('method') or fpre['kind']}) on {cfg.data.name}/{cfg.data.split}: "
+            f"{len(dataset)} images over {info.world_size} rank(s), K = {list(p.ks)} → {out}")
+        # The cache key says which features the shards hold; K, iterations and PCA may change freely.
+        key = {"fpre": fpre["checkpoint"], "fpre_step": fpre.get("step"), "dataset": cfg.data.name,
+               "split": cfg.data.split, "root": cfg.data.root, "n": len(dataset), "image_size": cfg.views.size}
+        start = time.perf_counter()
+        features, _ = shard_features(encoder, dataset, batch_size=cfg.eval.batch_size, image_size=cfg.views.size,
+                                     device=info.device, folder=out / "features", key=key, rank=info.rank,
+                                     world=info.world_size)
+        del encoder
+        log(f"features {features.shape[1]}-d in {time.perf_counter() - start:.1f} s (cached in {out / 'features'})")
+        if p.pca is not None:
+            features = pca(features, p.pca, p.pca_whiten)
+        labels, centroids, stats = ensemble_kmeans(features, p.ks, p.iters, cfg.train.seed, p.init,
+                                                   p.init_sample_per_k, log)
+        labels, _ = gather_shards(labels)  # shards are contiguous in rank order: this is dataset order
+        if info.is_main:
+            save_array(labels.cpu().numpy(), out / PSEUDO_LABELS)
+            save_array({f"K{k}": c for k, c in centroids.items()}, out / "centroids.npz")
+            write_json({"fpre": fpre, "dataset": cfg.data.name, "split": cfg.data.split, "n": len(dataset),
+                        "ks": list(p.ks), "iters": p.iters, "init": p.init, "seed": cfg.train.seed,
+                        "pca": p.pca, "feature_dim": int(features.shape[1]), "world_size": info.world_size,
+                        "clusters": stats}, out / CLUSTERS)
+            run.update(end=now(), finished=True)
+            write_json(run, out / "run.json")
+        barrier()
     return out

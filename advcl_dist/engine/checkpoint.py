@@ -37,6 +37,13 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
         raise RuntimeError(f"checkpoint {path} cannot be read ({e}); move it away to start afresh") from e
 
 
+def save_array(array, path: Path) -> None:
+    """`np.save` (or `np.savez` for a dict of arrays) that never leaves a truncated file behind."""
+    import numpy as np
+
+    _atomic(path, lambda f: np.savez(f, **array) if isinstance(array, dict) else np.save(f, array))
+
+
 def write_json(obj, path: Path) -> None:
     _atomic(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""Benchmarks; each prints a table and one JSON line last.
+
+  kmeans   ensemble k-means (the clustering stage) on 1 and N processes vs scikit-learn:
+           python tools/bench.py kmeans --rows 1000000 --dim 128 --procs 1 2
+"""
+import argparse
+import sys
+
+from advcl_dist.bench import kmeans
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="bench", required=True)
+    km = sub.add_parser("kmeans", help="distributed ensemble k-means vs scikit-learn KMeans")
+    km.add_argument("--rows", type=int, default=1_000_000)
+    km.add_argument("--dim", type=int, default=128)
+    km.add_argument("--centres", type=int, default=1000, help="Gaussian blobs the synthetic features come from")
+    km.add_argument("--ks", type=int, nargs="+", default=[2, 10, 50, 100, 500])
+    km.add_argument("--iters", type=int, default=20)
+    km.add_argument("--seed", type=int, default=0)
+    km.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts to time ours with")
+    km.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    km.add_argument("--no-sklearn", dest="sklearn", action="store_false", help="skip the scikit-learn run")
+    km.add_argument("--cache", default=".cache/bench", help="where the generated data are kept")
+    return p
+
+
+if __name__ == "__main__":
+    args = parser().parse_args()
+    sys.exit(kmeans.main(args) and 0)
