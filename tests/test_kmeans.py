@@ -7,7 +7,7 @@ from ranks import run_ranks
 from sklearn.metrics import adjusted_rand_score
 
 from advcl_dist.cluster import kmeans
-from advcl_dist.cluster.kmeans import assign, assign_torch, fit_kmeans
+from advcl_dist.cluster.kmeans import assign, fit_kmeans, search_torch
 from advcl_dist.distributed import distributed_session
 
 
@@ -124,10 +124,41 @@ def test_bad_arguments_are_clear_errors():
         fit_kmeans(x, 2, init="kmeans||")
 
 
-def test_torch_assignment_matches_faiss():
+def near_ties(n=4000, k=8, dim=64, seed=0):
+    """Rows moved onto the bisector of their two nearest centroids, then off it by about 1e-7: float32
+    distances cannot tell which is nearer, float64 distances can."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(k, dim)).astype(np.float32)
+    c64, x = c.astype(np.float64), rng.normal(size=(n, dim))
+    a, b = np.argsort(((x[:, None] - c64[None]) ** 2).sum(-1), 1)[:, :2].T
+    normal, middle = c64[b] - c64[a], (c64[a] + c64[b]) / 2
+    x -= (((x - middle) * normal).sum(1) / (normal ** 2).sum(1))[:, None] * normal
+    x += normal * rng.uniform(-1e-7, 1e-7, (n, 1))
+    return x.astype(np.float32), c
+
+
+def test_assignment_is_the_float64_nearest_centroid_whatever_rows_share_the_call():
+    x, c = near_ties()
+    exact = ((x[:, None].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1).argmin(1)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(c)
+    assert (index.search(x, 1)[1][:, 0] != exact).sum() > 10, "float32 ranking should get some rows wrong"
+    _, labels = assign(torch.from_numpy(x), torch.from_numpy(c))
+    np.testing.assert_array_equal(labels.numpy(), exact)
+    splits = ((0, 7), (7, 1500), (1500, 4000))
+    pieces = [assign(torch.from_numpy(x[lo:hi]), torch.from_numpy(c))[1] for lo, hi in splits]
+    np.testing.assert_array_equal(torch.cat(pieces).numpy(), exact)
+    # An exact tie (two identical centroids) goes to the lower index.
+    _, labels = assign(torch.from_numpy(x), torch.from_numpy(np.concatenate([c[:1], c])))
+    assert (labels.numpy() != 1).all() and (labels.numpy() == 0).sum() == (exact == 0).sum()
+
+
+def test_torch_search_matches_faiss():
     x, _ = blobs(n=500, centres=6, seed=6)
     centroids = torch.from_numpy(x[:6].copy())
-    d_faiss, l_faiss = assign(torch.from_numpy(x), centroids)
-    d_torch, l_torch = assign_torch(torch.from_numpy(x), centroids, chunk=128)
-    torch.testing.assert_close(l_torch, l_faiss, rtol=0, atol=0)
-    torch.testing.assert_close(d_torch, d_faiss, rtol=1e-4, atol=1e-3)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(centroids.numpy())
+    d_faiss, l_faiss = index.search(x, 2)
+    d_torch, l_torch = search_torch(torch.from_numpy(x), centroids, top=2, chunk=128)
+    np.testing.assert_array_equal(l_torch.numpy(), l_faiss)
+    np.testing.assert_allclose(d_torch.numpy(), d_faiss, rtol=1e-4, atol=1e-3)

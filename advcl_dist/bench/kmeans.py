@@ -50,7 +50,7 @@ def _worker(rank: int, world: int, port: int, path: str, args: dict, results) ->
     with distributed_session(args["device"]) as info:
         rows = np.load(path, mmap_mode="r")
         lo, hi = shard_range(len(rows), rank, world)
-        x = torch.from_numpy(np.ascontiguousarray(rows[lo:hi])).to(info.device)
+        x = torch.from_numpy(np.array(rows[lo:hi])).to(info.device)  # a copy in memory, not the memmap
         barrier()
         start = time.perf_counter()
         _, _, stats = ensemble_kmeans(x, args["ks"], args["iters"], args["seed"])

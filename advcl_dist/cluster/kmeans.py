@@ -56,9 +56,7 @@ def fit_kmeans(x, k: int, iters: int = 20, seed: int = 0, init: str = "kmeans++"
     reseeded = 0
     for _ in range(iters):
         distances, labels = assign(x, centroids)
-        sums = torch.zeros(k, x.shape[1] + 1, dtype=torch.float64, device=x.device)
-        sums[:, :-1].index_add_(0, labels, x.double())
-        sums[:, -1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        sums = _sums_and_counts(x, labels, k)
         _all_reduce(sums)
         sizes = sums[:, -1]
         filled = sizes > 0
@@ -70,34 +68,86 @@ def fit_kmeans(x, k: int, iters: int = 20, seed: int = 0, init: str = "kmeans++"
             reseeded += len(empty)
     distances, labels = assign(x, centroids)
     stats = torch.zeros(k + 1, dtype=torch.float64, device=x.device)
-    stats[:k].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+    stats[:k] = torch.bincount(labels, minlength=k).double()
     stats[k] = distances.double().sum()
     _all_reduce(stats)
     return KMeansResult(centroids, labels, float(stats[k]), [int(s) for s in stats[:k].tolist()], reseeded)
 
 
+def _sums_and_counts(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """[k, D + 1] float64: per-centroid sums of the rows and, last, their counts.
+
+    Converted to float64 a block at a time into one reused buffer: converting the whole shard at once
+    costs a fresh allocation (page faults) of twice its size at every iteration.
+    """
+    sums = torch.zeros(k, x.shape[1] + 1, dtype=torch.float64, device=x.device)
+    block = 8192 if x.device.type == "cpu" else 1 << 18
+    buffer = torch.empty(min(block, x.shape[0]), x.shape[1], dtype=torch.float64, device=x.device)
+    for rows, rows_labels in zip(x.split(block), labels.split(block)):
+        part = buffer[:len(rows)]
+        part.copy_(rows)
+        sums[:, :-1].index_add_(0, rows_labels, part)
+    sums[:, -1] = torch.bincount(labels, minlength=k).double()
+    return sums
+
+
+# Rows whose two nearest centroids are this close (relative to ‖x‖² + max‖c‖²) are decided in float64.
+NEAR_TIE = 1e-4
+
+
 def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distance to, and index of, the nearest centroid for every row, with faiss on x's device."""
+    """Squared distance to, and index of, the nearest centroid for every row, with faiss on x's device.
+
+    faiss ranks in float32 via ‖x‖² + ‖c‖² − 2x·c, whose rounding depends on how the BLAS blocks the
+    rows, so on a million rows a few near-equidistant ones would be ranked differently on 1 and on N
+    ranks, and the runs would drift apart. The two best are therefore searched, and rows whose two
+    are nearly tied are settled by float64 distances (exact ties: the lower centroid index).
+    Without a near tie, float32's errors (~1e-6 relative) cannot change which centroid is nearest.
+    """
+    top = min(2, centroids.shape[0])
     if x.device.type == "cuda":
         if hasattr(faiss, "GpuIndexFlatL2"):
-            return _assign_faiss_gpu(x, centroids)
-        return assign_torch(x, centroids)  # faiss-cpu build on a GPU machine: stay on the device
-    # faiss follows torch's thread count, so N ranks on one node do not each start one thread per core.
-    faiss.omp_set_num_threads(torch.get_num_threads())
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(centroids.cpu().float().numpy())
-    distances, labels = index.search(x.numpy(), 1)
-    return torch.from_numpy(distances[:, 0]), torch.from_numpy(labels[:, 0])
+            distances, labels = _search_faiss_gpu(x, centroids, top)
+        else:  # a faiss-cpu build on a GPU machine: stay on the device
+            distances, labels = search_torch(x, centroids, top)
+    else:
+        # faiss follows torch's thread count, so N ranks on one node do not each start one thread per core.
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index = faiss.IndexFlatL2(x.shape[1])
+        index.add(centroids.cpu().float().numpy())
+        distances, labels = (torch.from_numpy(a) for a in index.search(x.numpy(), top))
+    if top == 1:
+        return distances[:, 0], labels[:, 0]
+    return _settle_near_ties(x, centroids, distances, labels)
 
 
-def assign_torch(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same assignment with torch matmuls (‖x‖² − 2x·c + ‖c‖²), for a faiss without GPU support."""
+def _settle_near_ties(x, centroids, distances, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose two best are within NEAR_TIE: float64 distances to every centroid, first minimum wins.
+
+    Every centroid, not just the two: a third may be as near (always so with duplicate centroids).
+    """
+    best, nearest = distances[:, 0].clone(), labels[:, 0].clone()
+    scale = torch.linalg.vector_norm(x, dim=1).square() + centroids.square().sum(1).max()
+    near = torch.nonzero(distances[:, 1] - distances[:, 0] <= NEAR_TIE * scale).flatten()
+    c64 = centroids.to(x.device, torch.float64)
+    for rows in near.split(max(1, (1 << 22) // c64.numel())):  # [rows, K, D] float64 blocks of 32 MB
+        # elementwise (x − c)², not a matmul: the same arithmetic for a row however rows are blocked
+        exact = (x[rows, None, :].double() - c64).square().sum(-1)
+        winner = exact.argmin(1)  # ties: the first, i.e. the lower centroid index
+        nearest[rows] = winner
+        best[rows] = exact.gather(1, winner[:, None])[:, 0].float()
+    return best.clamp_min(0), nearest
+
+
+def search_torch(x: torch.Tensor, centroids: torch.Tensor, top: int = 1,
+                 chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `top` nearest centroids by torch matmuls (‖x‖² − 2x·c + ‖c‖²), for a faiss without GPU support."""
     c = centroids.to(x.device, torch.float32)
     c_norms = (c * c).sum(1)
     distances, labels = [], []
     for part in x.split(chunk):
         d = (part * part).sum(1, keepdim=True) - 2 * part @ c.T + c_norms
-        best = d.min(1)
+        best = d.topk(top, dim=1, largest=False)
         distances.append(best.values.clamp_min(0))
         labels.append(best.indices)
     return torch.cat(distances), torch.cat(labels)
@@ -106,7 +156,7 @@ def assign_torch(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -
 _GPU_RESOURCES: dict[int, object] = {}
 
 
-def _assign_faiss_gpu(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _search_faiss_gpu(x: torch.Tensor, centroids: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
     # An index on this rank's own GPU only: faiss.Kmeans(gpu=True) would spread over every visible GPU,
     # colliding with the other ranks of the node.
     import faiss.contrib.torch_utils  # noqa: F401  (lets faiss read and write torch tensors on the GPU)
@@ -118,8 +168,7 @@ def _assign_faiss_gpu(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.T
     config.device = device
     index = faiss.GpuIndexFlatL2(_GPU_RESOURCES[device], x.shape[1], config)
     index.add(centroids.to(x.device, torch.float32).contiguous())
-    distances, labels = index.search(x, 1)
-    return distances[:, 0], labels[:, 0]
+    return index.search(x, top)
 
 
 def _rank() -> int:
