@@ -75,6 +75,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _local_rank_entry(rank, world, port, threads, fn, args, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    torch.set_num_threads(threads)
+    results[rank] = fn(*args)
+
+
+def run_local_ranks(world: int, fn, *args, threads: int = 1) -> list:
+    """`fn(*args)` on `world` fresh processes of this machine, each set up the way torchrun sets one up
+    (RANK, WORLD_SIZE, ... and `threads` OpenMP threads, so ranks sharing cores do not fight over them);
+    their return values in rank order. For tests and benchmarks."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_local_rank_entry, args=(world, free_port(), threads, fn, args, results), nprocs=world, join=True)
+    return [results[r] for r in range(world)]
+
+
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """`cuda:<local rank>` (or the only visible GPU, when the launcher gives each task one) or the CPU."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.multiprocessing as mp
 
 from ..cluster.features import shard_range
 from ..cluster.pseudo_labels import ensemble_kmeans
-from ..distributed import barrier, distributed_session, free_port, pick_device
+from ..distributed import barrier, distributed_session, pick_device, run_local_ranks
 
 
 def synthetic_features(rows: int, dim: int, centres: int, seed: int, cache: Path) -> Path:
@@ -42,14 +41,11 @@ def synthetic_features(rows: int, dim: int, centres: int, seed: int, cache: Path
     return path
 
 
-def _worker(rank: int, world: int, port: int, path: str, args: dict, results) -> None:
-    threads = max(1, len(os.sched_getaffinity(0)) // world) if args["device"] == "cpu" else 1
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
-    torch.set_num_threads(threads)
+def _cluster_shard(path: str, args: dict) -> dict | None:
+    """One rank: its block of rows, every K; rank 0 returns the time and the statistics."""
     with distributed_session(args["device"]) as info:
         rows = np.load(path, mmap_mode="r")
-        lo, hi = shard_range(len(rows), rank, world)
+        lo, hi = shard_range(len(rows), info.rank, info.world_size)
         x = torch.from_numpy(np.array(rows[lo:hi])).to(info.device)  # a copy in memory, not the memmap
         barrier()
         start = time.perf_counter()
@@ -57,17 +53,14 @@ def _worker(rank: int, world: int, port: int, path: str, args: dict, results) ->
         if info.device.type == "cuda":
             torch.cuda.synchronize(info.device)
         barrier()
-        if rank == 0:
-            results["seconds"] = time.perf_counter() - start
-            results["stats"] = stats
-            results["device"] = str(info.device)
-            results["threads"] = threads
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "stats": stats, "device": str(info.device)} if info.rank == 0 else None
 
 
 def run_ours(path: Path, procs: int, args: dict) -> dict:
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(procs, free_port(), str(path), args, results), nprocs=procs, join=True)
-    return dict(results)
+    threads = max(1, len(os.sched_getaffinity(0)) // procs) if args["device"] == "cpu" else 1
+    result = run_local_ranks(procs, _cluster_shard, str(path), args, threads=threads)[0]
+    return {**result, "threads": threads}
 
 
 def run_sklearn(path: Path, args: dict) -> dict:

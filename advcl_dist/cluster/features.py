@@ -78,7 +78,7 @@ def load_fpre(path, device) -> tuple[nn.Module, dict]:
         raise ConfigError(f"pseudo.fpre={path} cannot be read as a torch file ({e.__cause__}); point "
                           "pseudo.fpre at a checkpoint.pt or a torchvision ResNet-50 state dict") from e
     if isinstance(state, dict) and "model" in state and "config" in state:
-        encoder, info = load_encoder(path, device)
+        encoder, info = load_encoder(path, device, state)
         return _NormalBranch(encoder).to(device).eval(), {**info, "kind": "advcl-dist"}
     net = _torchvision_resnet50(_state_dict_of(state, path), path)
     info = {"checkpoint": str(path.resolve()), "kind": "torchvision-resnet50", "method": None, "arch": "resnet50"}

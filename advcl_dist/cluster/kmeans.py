@@ -54,8 +54,9 @@ def fit_kmeans(x, k: int, iters: int = 20, seed: int = 0, init: str = "kmeans++"
         sample = _rows_at(x, offset, torch.randperm(total, generator=generator)[:min(total, init_sample_per_k * k)])
         centroids = _kmeans_plusplus(sample, k, seed)
     reseeded = 0
+    norms = torch.linalg.vector_norm(x, dim=1).square()  # for the near-tie test, once rather than per pass
     for _ in range(iters):
-        distances, labels = assign(x, centroids)
+        distances, labels = assign(x, centroids, norms)
         sums = _sums_and_counts(x, labels, k)
         _all_reduce(sums)
         sizes = sums[:, -1]
@@ -66,7 +67,7 @@ def fit_kmeans(x, k: int, iters: int = 20, seed: int = 0, init: str = "kmeans++"
         if len(empty):
             centroids[empty] = _rows_at(x, offset, _farthest(distances, offset, len(empty)))
             reseeded += len(empty)
-    distances, labels = assign(x, centroids)
+    distances, labels = assign(x, centroids, norms)
     stats = torch.zeros(k + 1, dtype=torch.float64, device=x.device)
     stats[:k] = torch.bincount(labels, minlength=k).double()
     stats[k] = distances.double().sum()
@@ -95,7 +96,8 @@ def _sums_and_counts(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Ten
 NEAR_TIE = 1e-4
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def assign(x: torch.Tensor, centroids: torch.Tensor, norms: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared distance to, and index of, the nearest centroid for every row, with faiss on x's device.
 
     faiss ranks in float32 via ‖x‖² + ‖c‖² − 2x·c, whose rounding depends on how the BLAS blocks the
@@ -103,6 +105,7 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torc
     ranks, and the runs would drift apart. The two best are therefore searched, and rows whose two
     are nearly tied are settled by float64 distances (exact ties: the lower centroid index).
     Without a near tie, float32's errors (~1e-6 relative) cannot change which centroid is nearest.
+    `norms`: the rows' squared norms, when the caller keeps them.
     """
     top = min(2, centroids.shape[0])
     if x.device.type == "cuda":
@@ -118,16 +121,18 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torc
         distances, labels = (torch.from_numpy(a) for a in index.search(x.numpy(), top))
     if top == 1:
         return distances[:, 0], labels[:, 0]
-    return _settle_near_ties(x, centroids, distances, labels)
+    if norms is None:
+        norms = torch.linalg.vector_norm(x, dim=1).square()
+    return _settle_near_ties(x, norms, centroids, distances, labels)
 
 
-def _settle_near_ties(x, centroids, distances, labels) -> tuple[torch.Tensor, torch.Tensor]:
+def _settle_near_ties(x, norms, centroids, distances, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows whose two best are within NEAR_TIE: float64 distances to every centroid, first minimum wins.
 
     Every centroid, not just the two: a third may be as near (always so with duplicate centroids).
     """
     best, nearest = distances[:, 0].clone(), labels[:, 0].clone()
-    scale = torch.linalg.vector_norm(x, dim=1).square() + centroids.square().sum(1).max()
+    scale = norms + centroids.square().sum(1).max()
     near = torch.nonzero(distances[:, 1] - distances[:, 0] <= NEAR_TIE * scale).flatten()
     c64 = centroids.to(x.device, torch.float64)
     for rows in near.split(max(1, (1 << 22) // c64.numel())):  # [rows, K, D] float64 blocks of 32 MB

@@ -52,8 +52,11 @@ def write_text(text: str, path: Path) -> None:
     _atomic(path, lambda f: f.write(text.encode()))
 
 
-def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+def load_encoder(path: str | Path, device: torch.device | str = "cpu", state: dict | None = None
+                 ) -> tuple[nn.Module, dict]:
     """The encoder of a pretraining checkpoint, rebuilt from what the checkpoint itself records.
+
+    `state`: the checkpoint at `path`, when the caller has already read it.
 
     Returns the encoder (eval mode) and facts about its run: method, arch, width, BN branches, step.
     Its architecture comes from the checkpoint's own config and its BN branches from its weights,
@@ -63,10 +66,11 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     from ..models import BACKBONES
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained checkpoint {path} does not exist; pretrain first "
-                                "(tools/pretrain.py) or point finetune.checkpoint / pseudo.fpre at a checkpoint.pt")
-    state = load_checkpoint(path, device)
+    if state is None:
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained checkpoint {path} does not exist; pretrain first (tools/pretrain.py) "
+                                    "or point finetune.checkpoint / pseudo.fpre at a checkpoint.pt")
+        state = load_checkpoint(path, device)
     if "model" not in state or "config" not in state:
         raise ConfigError(f"{path} is not a pretraining checkpoint of this package (no 'model'/'config' entries)")
     model_cfg = yaml.safe_load(state["config"])["model"]
