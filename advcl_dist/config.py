@@ -26,7 +26,10 @@ class DataConfig:
     root: str | None = None  # folder holding the dataset files (not needed for digits)
     download: bool = False  # fetch the dataset into `root` when missing
     image_size: int | None = None  # resize + centre-crop base images to this side (variable-size data)
-    workers: int = 4  # DataLoader worker processes per rank
+    workers: int = 4  # per rank: DataLoader worker processes (torchvision) or FFCV decode threads (ffcv)
+    format: str | None = None  # ffcv | torchvision; null: ffcv when data.beton is set, else torchvision
+    beton: str | None = None  # FFCV file of data.name/data.split, from tools/write_ffcv.py
+    os_cache: bool = True  # FFCV: the OS page cache holds the file for all ranks of a node (false: per process)
 
 
 @dataclass
@@ -167,6 +170,7 @@ FINETUNE_MODES = ("slf", "alf", "aff")
 ENGINES = ("ddp", "deepspeed")
 KMEANS_INITS = ("kmeans++", "random")
 BASELINES = ("simclr", "supervised_at")
+DATA_FORMATS = ("ffcv", "torchvision")
 
 
 def _merge(base, other, source: str):
@@ -240,6 +244,11 @@ def validate(cfg: Config) -> None:
                 "eval.batch_size", "pseudo.iters", "pseudo.init_sample_per_k"):
         need(functools.reduce(getattr, key.split("."), cfg) > 0, key, "must be > 0")
     need(cfg.data.workers >= 0, "data.workers", "must be >= 0")
+    need(cfg.data.format in (None, *DATA_FORMATS), "data.format", f"{cfg.data.format!r} is not one of "
+         f"{list(DATA_FORMATS)} (or null: ffcv when data.beton is set)")
+    need(cfg.data.format != "ffcv" or cfg.data.beton is not None, "data.format",
+         "ffcv needs data.beton, the .beton of data.name/data.split (write it with tools/write_ffcv.py)")
+    need(cfg.data.image_size is None or cfg.data.image_size > 0, "data.image_size", "must be > 0 (or null)")
     need(0 <= cfg.optim.warmup_epochs < cfg.train.epochs, "optim.warmup_epochs", "must be in [0, train.epochs)")
     a = cfg.attack
     need(a.eps >= 0 and a.step_size >= 0 and min(a.steps, a.supervised_steps, a.eval_steps) >= 0, "attack",

@@ -3,11 +3,15 @@
 
   kmeans   ensemble k-means (the clustering stage) on 1 and N processes vs scikit-learn:
            python tools/bench.py kmeans --rows 1000000 --dim 128 --procs 1 2
+  loader   images/s through decode + transfer + the AdvCL views on the device, FFCV vs torchvision,
+           on synthetic images generated once (in both formats) under --cache:
+           python tools/bench.py loader --format ffcv --images 20000 --size 32
+           (no --format: both, then their ratio; the JSON line is then one object with both runs)
 """
 import argparse
 import sys
 
-from advcl_dist.bench import kmeans
+from advcl_dist.bench import kmeans, loader
 
 
 def parser() -> argparse.ArgumentParser:
@@ -24,9 +28,20 @@ def parser() -> argparse.ArgumentParser:
     km.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     km.add_argument("--no-sklearn", dest="sklearn", action="store_false", help="skip the scikit-learn run")
     km.add_argument("--cache", default=".cache/bench", help="where the generated data are kept")
+    ld = sub.add_parser("loader", help="FFCV vs torchvision DataLoader images/s, views on the device included")
+    ld.add_argument("--format", choices=loader.FORMATS, help="the path to time (default: both, and their ratio)")
+    ld.add_argument("--images", type=int, default=20_000, help="images generated, and images timed")
+    ld.add_argument("--size", type=int, default=32, help="image side in pixels (<= 96: in memory / raw, "
+                    "else JPEG files / JPEG .beton)")
+    ld.add_argument("--batch-size", type=int, help="default 512 up to 96 px, else 64")
+    ld.add_argument("--workers", type=int, default=2, help="DataLoader processes / FFCV threads")
+    ld.add_argument("--warmup", type=int, default=8, help="batches run before the clock starts")
+    ld.add_argument("--seed", type=int, default=0)
+    ld.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ld.add_argument("--cache", default=".cache/bench", help="where the generated data are kept")
     return p
 
 
 if __name__ == "__main__":
     args = parser().parse_args()
-    sys.exit(kmeans.main(args) and 0)
+    sys.exit({"kmeans": kmeans.main, "loader": loader.main}[args.bench](args) and 0)

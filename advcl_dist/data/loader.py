@@ -114,7 +114,10 @@ def collate(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, t
 
 
 class Loader:
-    """A DataLoader over a ShardedSampler that can resume mid-epoch without reading the skipped batches."""
+    """A DataLoader over a ShardedSampler that can resume mid-epoch without reading the skipped batches.
+
+    ``dataset`` is the torchvision dataset it reads (None for `FFCVLoader`, which reads a .beton).
+    """
 
     def __init__(self, dataset: Dataset, batch_size: int, sampler: ShardedSampler, dataloader: DataLoader):
         self.dataset = dataset

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from ..config import Config, ConfigError, to_yaml
-from ..data import build_loader, get_dataset, num_classes
+from ..data.source import training_data
 from ..distributed import DistInfo, barrier, distributed_session, init_distributed, node_names
 from ..methods import Method, build_method
 from ..models.sync_bn import convert_sync_batchnorm
@@ -58,13 +58,13 @@ class Trainer:
         t = cfg.train
         if t.batch_size % self.dist.world_size:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {self.dist.world_size} ranks")
-        self.dataset = get_dataset(cfg.data.name, cfg.data.split, cfg.data.root, cfg.data.download)
-        self.loader = build_loader(self.dataset, t.batch_size // self.dist.world_size, shuffle=True, drop_last=True,
-                                   workers=cfg.data.workers, seed=t.seed, rank=self.dist.rank,
-                                   world_size=self.dist.world_size, image_size=cfg.data.image_size)
+        self.data = training_data(cfg.data, t.batch_size // self.dist.world_size, seed=t.seed, rank=self.dist.rank,
+                                  world_size=self.dist.world_size, device=self.device)
+        self.loader = self.data.loader
         if self.loader.batches_per_epoch == 0:
-            raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(self.dataset)} training images")
-        self.method: Method = build_method(cfg, len(self.dataset), self.device, num_classes(self.dataset))
+            raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {self.data.num_samples} "
+                              "training images")
+        self.method: Method = build_method(cfg, self.data.num_samples, self.device, self.data.num_classes)
         torch.manual_seed(t.seed)
         model = self.method.build_model().to(self.device)
         if t.sync_bn and self.dist.world_size > 1:
@@ -162,10 +162,11 @@ class Trainer:
 
     def _header(self, resumed: bool) -> str:
         cfg, w = self.cfg, self.dist.world_size
-        left_out = len(self.dataset) - self.steps_per_epoch * cfg.train.batch_size
+        left_out = self.data.num_samples - self.steps_per_epoch * cfg.train.batch_size
         ranks = (f"{w} ranks × {cfg.train.batch_size // w} images ({cfg.train.engine}"
                  + (", SyncBN" if cfg.train.sync_bn else "") + ")") if w > 1 else "1 process"
-        return (f"[pretrain] {cfg.train.method} on {cfg.data.name}: {len(self.dataset)} images, "
+        return (f"[pretrain] {cfg.train.method} on {cfg.data.name}: {self.data.num_samples} images "
+                f"({self.data.description}), "
                 f"{self.steps_per_epoch} steps/epoch of {cfg.train.batch_size} on {ranks}, "
                 f"{self.total_steps} steps, device {self.device}"
                 + (f"; each epoch leaves out {left_out} images (the partial last batch; reshuffled every epoch)"

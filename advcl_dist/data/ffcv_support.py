@@ -1,0 +1,28 @@
+"""What the FFCV path needs before FFCV is imported: the file's fields and a clear error when it is missing.
+
+FFCV is an optional dependency (it compiles against libturbojpeg and OpenCV), so nothing imports it at
+package import time.
+"""
+
+from __future__ import annotations
+
+FIELDS = ("image", "label", "index")  # the fields tools/write_ffcv.py writes, in this order
+
+INSTALL_HINT = (
+    "Install it with `make install` (it runs apt-get install pkg-config libturbojpeg0-dev libopencv-dev and "
+    "pip install -e '.[ffcv]', which builds FFCV 1.0.2 from source), or set data.format=torchvision."
+)
+
+
+class FFCVNotInstalledError(ImportError):
+    """data.format=ffcv (or a .beton) was asked for, but FFCV cannot be imported here."""
+
+
+def require_ffcv() -> None:
+    """Import FFCV, or raise FFCVNotInstalledError saying how to install it."""
+    try:
+        import ffcv  # noqa: F401
+        import ffcv.loader  # noqa: F401  (needs numba, OpenCV and Pillow, which a partial install may lack)
+    except ImportError as err:
+        raise FFCVNotInstalledError(f"the FFCV data path needs the ffcv package, but importing it failed "
+                                    f"({err}). {INSTALL_HINT}") from err

@@ -1,0 +1,64 @@
+"""Pick the data path of a stage: FFCV where a .beton is given, torchvision datasets otherwise.
+
+Both yield the same `(images uint8, labels, indices)` batches in the same order, so the rest of the
+trainer does not know which one it reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError, DataConfig
+from .datasets import get_dataset, num_classes
+from .ffcv_support import require_ffcv
+from .loader import Loader, build_loader
+
+
+def data_format(data: DataConfig) -> str:
+    """``ffcv`` or ``torchvision``: data.format, or (when null) ffcv exactly when data.beton is set."""
+    if data.format is not None:
+        return data.format
+    return "ffcv" if data.beton else "torchvision"
+
+
+@dataclass
+class TrainingData:
+    loader: Loader
+    num_samples: int
+    num_classes: int
+    description: str  # for the run's header line
+
+
+def beton_info(data: DataConfig):
+    """The checked `BetonInfo` of data.beton: FFCV importable, the file readable and of data.name/data.split."""
+    require_ffcv()
+    from .ffcv_loader import read_beton
+
+    info = read_beton(data.beton)
+    for key, option, want in (("dataset", "data.name", data.name), ("split", "data.split", data.split)):
+        have = info.written.get(key)
+        if have is not None and have != want:
+            raise ConfigError(f"data.beton {info.path} holds {key} {have!r}, but {option} is {want!r}; "
+                              "pseudo-labels and results would refer to other images. Point data.beton at "
+                              f"the file of {data.name}/{data.split}, or set {option}={have}.")
+    return info
+
+
+def training_data(data: DataConfig, batch_size: int, *, seed: int, rank: int, world_size: int,
+                  device: torch.device, shuffle: bool = True, drop_last: bool = True) -> TrainingData:
+    """This rank's loader of data.name/data.split, from data.beton with FFCV or from `get_dataset`."""
+    if data_format(data) == "ffcv":
+        from .ffcv_loader import build_ffcv_loader
+
+        info = beton_info(data)
+        # FFCV's -1 means every core; data.workers=0 (no DataLoader workers) means the same here.
+        loader = build_ffcv_loader(info.path, batch_size, shuffle=shuffle, drop_last=drop_last,
+                                   workers=data.workers or -1, seed=seed, rank=rank, world_size=world_size,
+                                   image_size=data.image_size, device=device, os_cache=data.os_cache, info=info)
+        return TrainingData(loader, info.num_samples, info.num_classes, f"{info.path} (FFCV)")
+    dataset = get_dataset(data.name, data.split, data.root, data.download)
+    loader = build_loader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, workers=data.workers,
+                          seed=seed, rank=rank, world_size=world_size, image_size=data.image_size)
+    return TrainingData(loader, len(dataset), num_classes(dataset), "torchvision")
