@@ -1,0 +1,179 @@
+"""The FFCV path against the torchvision path and against FFCV's own distributed order.
+
+FFCV is installed by `make install`; a missing FFCV fails this module's import instead of skipping it.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import ffcv  # noqa: F401  (a hard requirement of these tests)
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from advcl_dist.config import ConfigError, load_config
+from advcl_dist.data import DatasetNotFoundError, build_loader, get_dataset
+from advcl_dist.data.datasets import TensorImageDataset
+from advcl_dist.data.ffcv_loader import BetonError, build_ffcv_loader, read_beton
+from advcl_dist.data.ffcv_support import FFCVNotInstalledError
+from advcl_dist.data.ffcv_writer import BetonWriteError, info_path, write_beton
+from advcl_dist.data.loader import resize_center_crop
+from advcl_dist.data.source import training_data
+from advcl_dist.distributed import init_distributed
+from tests.ranks import run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_set(n=50, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.randint(-1, 10, (n,), generator=g)
+    return TensorImageDataset(images, labels)
+
+
+def epoch(loader, epoch_number=0, start_batch=0):
+    """All batches of one epoch as CPU copies (FFCV reuses its output buffers)."""
+    loader.set_epoch(epoch_number, start_batch)
+    return [tuple(t.clone() for t in batch) for batch in loader]
+
+
+def test_raw_beton_round_trip_is_bit_exact(tmp_path):
+    data = random_set(n=50)
+    path = write_beton(data, tmp_path / "x.beton", workers=2, chunk_size=7)
+    assert not (tmp_path / "x.beton.partial").exists()
+    images, labels, indices = map(torch.cat, zip(*epoch(build_ffcv_loader(path, 16, shuffle=False,
+                                                                          drop_last=False, workers=2))))
+    assert images.dtype == torch.uint8 and labels.dtype == indices.dtype == torch.int64
+    assert torch.equal(indices, torch.arange(50))  # sample i is dataset index i
+    assert torch.equal(images, data.images) and torch.equal(labels, data.labels)  # -1 (unlabelled) kept
+    info = read_beton(path)
+    assert info.num_samples == 50 and info.fixed_size == 32 and np.array_equal(info.labels, data.labels.numpy())
+    assert json.loads(info_path(path).read_text())["write_mode"] == "raw"
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_ffcv_batches_equal_the_torchvision_loaders_including_a_mid_epoch_resume(tmp_path, world):
+    """Same images, labels and indices in the same order for every rank, epoch and skipped prefix."""
+    data = get_dataset("digits", "test")
+    path = write_beton(data, tmp_path / "digits.beton", workers=2)
+    for rank in range(world):
+        tv = build_loader(data, 32, shuffle=True, drop_last=True, seed=5, rank=rank, world_size=world)
+        ff = build_ffcv_loader(path, 32, shuffle=True, drop_last=True, seed=5, rank=rank, world_size=world,
+                               workers=2)
+        assert ff.batches_per_epoch == tv.batches_per_epoch
+        for e, skip in [(0, 0), (3, 2)]:
+            a, b = epoch(tv, e, skip), epoch(ff, e, skip)
+            assert len(a) == len(b) == len(ff) == tv.batches_per_epoch - skip
+            for x, y in zip(a, b):
+                assert all(torch.equal(u, v) for u, v in zip(x, y))
+        assert [t.tolist() for t in epoch(ff, 3, 2)[0]] == [t.tolist() for t in epoch(ff, 3)[2]]
+
+
+def smooth_images(root, sizes):
+    """An ImageFolder of smooth images of different sizes (PNG, so the torchvision path is lossless)."""
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        coeff = rng.uniform(-1, 1, size=(3, 3))
+        hwc = np.stack([127 + 120 * np.sin(3 * c[0] * yy + 2 * c[1] * xx + c[2]) for c in coeff], axis=-1)
+        folder = root / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(hwc.round().astype(np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("mode,tolerance", [("raw", 2.0), ("jpg", 2.5)])
+def test_variable_size_images_decode_to_the_torchvision_base_image(tmp_path, mode, tolerance):
+    """FFCV crops the central square and resizes it (OpenCV); torchvision resizes, then crops: same image
+    up to interpolation (and JPEG) differences, measured as the mean absolute difference in 0..255."""
+    smooth_images(tmp_path, [(80, 120), (100, 64), (96, 96), (70, 90), (128, 100), (64, 64)])
+    data = get_dataset("imagefolder", "train", tmp_path)
+    path = write_beton(data, tmp_path / "f.beton", write_mode=mode, jpeg_quality=95, workers=2)
+    with pytest.raises(BetonError, match="data.image_size"):
+        build_ffcv_loader(path, 4, shuffle=False, drop_last=False)
+    (images, labels, indices), = epoch(build_ffcv_loader(path, 6, shuffle=False, drop_last=False, image_size=48))
+    assert images.shape == (6, 3, 48, 48) and labels.tolist() == [data[i][1] for i in indices.tolist()]
+    references = [resize_center_crop(data[i][0], 48).float() for i in indices.tolist()]
+    for i, image in enumerate(images.float()):
+        assert (image - references[i]).abs().mean() < tolerance, i
+        assert (image - references[i - 1]).abs().mean() > 10 * tolerance  # another image is far off
+
+
+def _distributed_epochs(path, out):
+    """Rank r: our indices for epochs 0 and 1, and the order FFCV's own RANDOM distributed loader draws."""
+    from ffcv.loader import Loader, OrderOption
+
+    dist = init_distributed("cpu")
+    ours = build_ffcv_loader(path, 8, shuffle=True, drop_last=False, seed=7, rank=dist.rank,
+                             world_size=dist.world_size, workers=1)
+    theirs = Loader(str(path), batch_size=8, num_workers=1, order=OrderOption.RANDOM, distributed=True, seed=7)
+    record = {e: {"ours": torch.cat([b[2] for b in epoch(ours, e)]).tolist(),
+                  "ffcv": [int(i) for i in theirs.traversal_order.sample_order(e)]} for e in (0, 1)}
+    (Path(out) / f"rank{dist.rank}.json").write_text(json.dumps(record))
+
+
+def test_two_ranks_see_every_index_exactly_once_per_epoch_in_ffcvs_distributed_order(tmp_path):
+    path = write_beton(random_set(n=60, size=8), tmp_path / "x.beton", workers=1)
+    run_ranks(2, _distributed_epochs, str(path), str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for e in ("0", "1"):
+        seen = ranks[0][e]["ours"] + ranks[1][e]["ours"]
+        assert sorted(seen) == list(range(60))  # every index once, none twice
+        assert all(r[e]["ours"] == r[e]["ffcv"] for r in ranks)
+    assert ranks[0]["0"]["ours"] != ranks[0]["1"]["ours"]  # reshuffled every epoch
+
+
+class Failing(TensorImageDataset):
+    def __getitem__(self, index):
+        if index == 37:
+            raise OSError("truncated file")
+        return super().__getitem__(index)
+
+
+def test_a_sample_that_cannot_be_read_stops_the_writer_with_its_index_and_leaves_no_file(tmp_path):
+    good = random_set(n=80)
+    with pytest.raises(BetonWriteError, match="sample 37.*truncated file"):
+        write_beton(Failing(good.images, good.labels), tmp_path / "x.beton", workers=2, chunk_size=5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_data_picks_ffcv_for_a_beton_and_checks_it(tmp_path, monkeypatch):
+    path = write_beton(get_dataset("digits", "test"), tmp_path / "t.beton", workers=2,
+                       info={"dataset": "digits", "split": "test"})
+    cfg = load_config(None, ["data.name=digits", "data.split=test", f"data.beton={path}", "data.workers=1"])
+    data = training_data(cfg.data, 32, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
+    assert data.num_samples == 360 and data.num_classes == 10 and "FFCV" in data.description
+    tv = training_data(load_config(None, ["data.name=digits", "data.split=test", f"data.beton={path}",
+                                          "data.format=torchvision"]).data, 32, seed=0, rank=0, world_size=1,
+                       device=torch.device("cpu"))
+    assert tv.description == "torchvision"
+
+    with pytest.raises(ConfigError, match="data.split is 'train'"):  # another split's file
+        training_data(load_config(None, ["data.name=digits", f"data.beton={path}"]).data, 32, seed=0, rank=0,
+                      world_size=1, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="data.format.*needs data.beton"):
+        load_config(None, ["data.format=ffcv"])
+    with pytest.raises(DatasetNotFoundError, match="data.beton.*write_ffcv.py"):
+        read_beton(tmp_path / "missing.beton")
+    (tmp_path / "junk.beton").write_bytes(b"not a beton at all")
+    with pytest.raises(BetonError, match="not a readable FFCV"):
+        read_beton(tmp_path / "junk.beton")
+    monkeypatch.setitem(sys.modules, "ffcv", None)  # as if FFCV were not installed
+    with pytest.raises(FFCVNotInstalledError, match="make install.*data.format=torchvision"):
+        training_data(cfg.data, 32, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def test_write_ffcv_tool_writes_the_dataset_and_a_description(tmp_path):
+    out = tmp_path / "d.beton"
+    run = subprocess.run([sys.executable, "tools/write_ffcv.py", "--dataset", "digits", "--split", "test",
+                          "--out", str(out), "--workers", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    written = json.loads(info_path(out).read_text())
+    assert written["dataset"] == "digits" and written["split"] == "test" and written["num_samples"] == 360
+    assert written["write_mode"] == "raw" and written["classes"] == [str(d) for d in range(10)]
+    bad = subprocess.run([sys.executable, "tools/write_ffcv.py", "--dataset", "cifar10", "--split", "train",
+                          "--out", str(tmp_path / "c.beton")], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "--root" in bad.stderr and not (tmp_path / "c.beton").exists()
