@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,deepspeed
+EXTRAS ?= dev,deepspeed,ffcv
 STAMP := $(VENV)/.installed-$(EXTRAS)
 APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev slurm-wlm munge
 PYTEST_ARGS ?=
@@ -32,6 +32,7 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/python -c "import torch, torchvision, faiss, omegaconf, advcl_dist; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	@if [[ ",$(EXTRAS)," == *,ffcv,* ]]; then $(BIN)/python -c "import ffcv.loader, importlib.metadata as m; print('ffcv', m.version('ffcv'))"; fi
 	touch $@
 
 demo: install

@@ -110,3 +110,15 @@ def test_clear_errors(setup, tmp_path):
     with pytest.raises(ConfigError, match="pseudo.init"):
         load_config(None, overrides(setup, tmp_path) + ["pseudo.init=farthest"])
     assert not (tmp_path / PSEUDO_LABELS).exists()
+
+
+def test_pseudo_labels_from_a_beton_on_two_ranks_equal_the_torchvision_ones(setup):
+    """The stage reads data.beton with FFCV (each rank its block of indices) and labels the same rows."""
+    from advcl_dist.data.ffcv_writer import write_beton
+
+    beton = write_beton(get_dataset("imagefolder", "train", str(setup / "data")), setup / "train.beton",
+                        workers=1, info={"dataset": "imagefolder", "split": "train"})
+    cluster(load_config(None, overrides(setup, setup / "tv")))
+    run_ranks(2, _stage, [*overrides(setup, setup / "ffcv"), f"data.beton={beton}", "data.workers=1"])
+    np.testing.assert_array_equal(np.load(setup / "ffcv" / PSEUDO_LABELS), np.load(setup / "tv" / PSEUDO_LABELS))
+    assert json.loads((setup / "ffcv" / "features" / "key.json").read_text())["beton"] == str(beton)

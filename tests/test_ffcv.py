@@ -177,3 +177,20 @@ def test_write_ffcv_tool_writes_the_dataset_and_a_description(tmp_path):
     bad = subprocess.run([sys.executable, "tools/write_ffcv.py", "--dataset", "cifar10", "--split", "train",
                           "--out", str(tmp_path / "c.beton")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "--root" in bad.stderr and not (tmp_path / "c.beton").exists()
+
+
+def test_pretraining_from_a_beton_resumed_mid_epoch_matches_the_torchvision_run(tmp_path, capsys):
+    """Same batches, so the same losses: 14 steps cross an epoch boundary (11 steps per epoch), and the
+    FFCV run crashes at step 10 and resumes from its step-8 checkpoint, in the middle of the first epoch."""
+    from advcl_dist.engine import Trainer
+    from tests.test_engine import Crash, crash_at, losses, tiny_cfg
+
+    path = write_beton(get_dataset("digits", "train"), tmp_path / "d.beton", workers=2,
+                       info={"dataset": "digits", "split": "train"})
+    Trainer(tiny_cfg(tmp_path / "tv", "train.ckpt_every=100")).fit(stop_after_steps=14)
+    cfg = tiny_cfg(tmp_path / "ffcv", "train.ckpt_every=8", f"data.beton={path}", "data.workers=1")
+    with pytest.raises(Crash):
+        Trainer(cfg).fit(stop_after_steps=14, on_step=crash_at(10))
+    Trainer(cfg).fit(stop_after_steps=14)
+    assert "(FFCV)" in capsys.readouterr().out
+    assert losses(tmp_path / "ffcv") == pytest.approx(losses(tmp_path / "tv"), rel=1e-6, abs=1e-6)

@@ -15,10 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Subset
 
 from ..config import ConfigError
-from ..data import ordered_batches
+from ..data.loader import ordered_batches, subset
 from ..distributed import barrier, world_size
 from ..engine.checkpoint import load_checkpoint, load_encoder, save_array, write_json
 from ..models import set_plan
@@ -164,8 +163,8 @@ def shard_features(encoder: nn.Module, dataset, *, batch_size: int, image_size: 
 
 def _extract_range(encoder, dataset, start, end, batch_size, image_size, device) -> torch.Tensor:
     if start == end:  # more ranks than images: an empty [0, D] shard, D learnt from one image
-        return extract_features(encoder, Subset(dataset, [0]), 1, image_size, device)[:0]
-    return extract_features(encoder, Subset(dataset, range(start, end)), batch_size, image_size, device)
+        return extract_features(encoder, subset(dataset, [0]), 1, image_size, device)[:0]
+    return extract_features(encoder, subset(dataset, range(start, end)), batch_size, image_size, device)
 
 
 def _stored_key(folder: Path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, to_yaml
-from ..data import get_dataset
+from ..data.source import data_format, image_source
 from ..distributed import barrier, distributed_session, gather_shards, node_names
 from ..engine.checkpoint import save_array, write_json, write_text
 from ..engine.run_info import now, run_info
@@ -51,7 +51,7 @@ def cluster(cfg: Config) -> Path:
         raise ConfigError("pseudo.fpre is not set; point it at the f_pre checkpoint.pt (e.g. a SimCLR run) "
                           "or a torchvision ResNet-50 state dict")
     with distributed_session(cfg.train.device) as info:
-        dataset = get_dataset(cfg.data.name, cfg.data.split, cfg.data.root, cfg.data.download)
+        dataset = image_source(cfg.data)  # the .beton where the FFCV path is chosen
         too_big = [k for k in p.ks if k > len(dataset)]
         if too_big:
             raise ConfigError(f"pseudo.ks has K={too_big[0]} but {cfg.data.name}/{cfg.data.split} has only "
@@ -70,7 +70,8 @@ def cluster(cfg: Config) -> Path:
             f"{len(dataset)} images over {info.world_size} rank(s), K = {list(p.ks)} → {out}")
         # The cache key says which features the shards hold; K, iterations and PCA may change freely.
         key = {"fpre": fpre["checkpoint"], "fpre_step": fpre.get("step"), "dataset": cfg.data.name,
-               "split": cfg.data.split, "root": cfg.data.root, "n": len(dataset), "image_size": cfg.views.size}
+               "split": cfg.data.split, "root": cfg.data.root, "n": len(dataset), "image_size": cfg.views.size,
+               "beton": cfg.data.beton if data_format(cfg.data) == "ffcv" else None}
         start = time.perf_counter()
         features, _ = shard_features(encoder, dataset, batch_size=cfg.eval.batch_size, image_size=cfg.views.size,
                                      device=info.device, folder=out / "features", key=key, rank=info.rank,

@@ -176,3 +176,33 @@ def build_ffcv_loader(
     # FFCV 1.0.2 cannot take a custom order class in its constructor (it calls an instance), so it is set here.
     loader.traversal_order = _RankOrder(loader, sampler, batch_size, drop_last)
     return FFCVLoader(batch_size, sampler, loader)
+
+
+class BetonImages:
+    """A .beton as an ordered image collection (feature extraction): ``len``, ``subset`` and
+    ``ordered_batches`` like a Dataset read through `loader.ordered_batches`, but decoded by FFCV."""
+
+    def __init__(self, info: BetonInfo, *, workers: int = -1, os_cache: bool = True,
+                 indices: Sequence[int] | None = None):
+        self.info = info
+        self.workers = workers
+        self.os_cache = os_cache
+        self.indices = np.arange(info.num_samples) if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def subset(self, indices: Sequence[int]) -> BetonImages:
+        return BetonImages(self.info, workers=self.workers, os_cache=self.os_cache,
+                           indices=self.indices[np.asarray(indices, dtype=np.int64)])
+
+    def ordered_batches(self, batch_size: int, image_size: int | None, device: torch.device | str):
+        """Float [0, 1] images and labels on ``device``, in the order of ``indices``."""
+        from .augment import to_float
+
+        loader = build_ffcv_loader(self.info.path, batch_size, shuffle=False, drop_last=False, workers=self.workers,
+                                   image_size=image_size, device=device, os_cache=self.os_cache,
+                                   indices=self.indices, info=self.info)
+        loader.set_epoch(0)
+        for images, labels, _ in loader:
+            yield to_float(images), labels

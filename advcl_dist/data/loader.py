@@ -9,7 +9,7 @@ import math
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.transforms.v2 import functional as TF
 
 from advcl_dist.data.augment import to_float
@@ -181,8 +181,16 @@ def build_loader(
     return Loader(dataset, batch_size, sampler, dataloader)
 
 
+def subset(dataset, indices) -> Dataset:
+    """``dataset`` restricted to ``indices``; a .beton (`BetonImages`) stays one, to be decoded by FFCV."""
+    return dataset.subset(indices) if hasattr(dataset, "subset") else Subset(dataset, indices)
+
+
 def ordered_batches(dataset: Dataset, batch_size: int, image_size: int | None, device: torch.device | str):
     """Float [0, 1] images and labels on `device`, in dataset-index order (evaluation, feature extraction)."""
+    if hasattr(dataset, "ordered_batches"):  # a .beton (`BetonImages`)
+        yield from dataset.ordered_batches(batch_size, image_size, device)
+        return
     loader = build_loader(dataset, batch_size, shuffle=False, drop_last=False, image_size=image_size)
     loader.set_epoch(0)
     for images, labels, _ in loader:

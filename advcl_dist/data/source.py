@@ -62,3 +62,13 @@ def training_data(data: DataConfig, batch_size: int, *, seed: int, rank: int, wo
     loader = build_loader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, workers=data.workers,
                           seed=seed, rank=rank, world_size=world_size, image_size=data.image_size)
     return TrainingData(loader, len(dataset), num_classes(dataset), "torchvision")
+
+
+def image_source(data: DataConfig):
+    """data.name/data.split in dataset-index order for `ordered_batches` (feature extraction): the .beton
+    (decoded by FFCV) where the FFCV path is chosen, else the `get_dataset` dataset."""
+    if data_format(data) == "ffcv":
+        from .ffcv_loader import BetonImages
+
+        return BetonImages(beton_info(data), workers=data.workers or -1, os_cache=data.os_cache)
+    return get_dataset(data.name, data.split, data.root, data.download)
