@@ -111,7 +111,9 @@ class FFCVLoader(Loader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         self._dataloader.next_epoch = self.sampler.epoch  # FFCV draws the order of `next_epoch`
         for images, labels, indices in self._dataloader:
-            yield images, labels.view(-1), indices.view(-1)
+            # NCHW like the torchvision path (the trainer's channels_last lives in the weights); also a copy,
+            # so the batch outlives FFCV's reuse of its buffers.
+            yield images.contiguous(), labels.view(-1), indices.view(-1)
 
     def __len__(self) -> int:
         left = len(self.sampler)
@@ -162,8 +164,9 @@ def build_ffcv_loader(
     # On CPU the batch is already where it is used; on GPU FFCV copies it from pinned memory on its own stream.
     to_device = [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
     pipelines = {
-        # Contiguous NCHW like the torchvision path; the trainer's channels_last lives in the weights.
-        "image": [image_decoder(info, image_size), ToTensor(), *to_device, ToTorchImage(channels_last=False)],
+        # ToTorchImage after ToDevice: a zero-copy NHWC→NCHW view of the device batch (its contiguous form
+        # would be written to a host buffer); `FFCVLoader` makes it contiguous NCHW where it is used.
+        "image": [image_decoder(info, image_size), ToTensor(), *to_device, ToTorchImage(channels_last=True)],
         "label": [IntDecoder(), ToTensor(), *to_device],
         "index": [IntDecoder(), ToTensor(), *to_device],
     }
