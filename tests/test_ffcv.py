@@ -55,6 +55,22 @@ def test_raw_beton_round_trip_is_bit_exact(tmp_path):
     assert json.loads(info_path(path).read_text())["write_mode"] == "raw"
 
 
+def test_ffcv_leaves_torch_threads_alone_and_caps_its_threads_at_numbas(tmp_path):
+    """FFCV sets torch's threads to its own; more decode threads than numba has would raise in numba."""
+    import numba
+
+    path = write_beton(random_set(n=20), tmp_path / "x.beton", workers=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        loader = build_ffcv_loader(path, 8, shuffle=True, drop_last=False, workers=1000)
+        assert sum(len(b[0]) for b in epoch(loader)) == 20
+        assert torch.get_num_threads() == 1
+        assert loader._dataloader.num_workers == numba.config.NUMBA_NUM_THREADS
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_ffcv_batches_equal_the_torchvision_loaders_including_a_mid_epoch_resume(tmp_path, world):
     """Same images, labels and indices in the same order for every rank, epoch and skipped prefix."""

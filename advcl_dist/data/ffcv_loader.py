@@ -13,19 +13,24 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
-from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
-from ffcv.loader import Loader as _Loader
-from ffcv.loader import OrderOption
-from ffcv.reader import Reader
-from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
-from ffcv.traversal_order.base import TraversalOrder
 
-from .datasets import DatasetNotFoundError
-from .ffcv_support import FIELDS
-from .ffcv_writer import info_path
-from .loader import Loader, ShardedSampler
+from .ffcv_support import FIELDS, keep_torch_threads, require_ffcv
+
+require_ffcv()  # a clear error when FFCV is missing; and the first import of FFCV keeps torch's threads
+
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder  # noqa: E402
+from ffcv.loader import Loader as _Loader  # noqa: E402
+from ffcv.loader import OrderOption  # noqa: E402
+from ffcv.reader import Reader  # noqa: E402
+from ffcv.transforms import ToDevice, ToTensor, ToTorchImage  # noqa: E402
+from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
+
+from .datasets import DatasetNotFoundError  # noqa: E402
+from .ffcv_writer import info_path  # noqa: E402
+from .loader import Loader, ShardedSampler  # noqa: E402
 
 
 class BetonError(ValueError):
@@ -110,7 +115,9 @@ class FFCVLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         self._dataloader.next_epoch = self.sampler.epoch  # FFCV draws the order of `next_epoch`
-        for images, labels, indices in self._dataloader:
+        with keep_torch_threads():
+            batches = iter(self._dataloader)
+        for images, labels, indices in batches:
             # NCHW like the torchvision path (the trainer's channels_last lives in the weights); also a copy,
             # so the batch outlives FFCV's reuse of its buffers.
             yield images.contiguous(), labels.view(-1), indices.view(-1)
@@ -153,12 +160,16 @@ def build_ffcv_loader(
 ) -> FFCVLoader:
     """Per-rank FFCV loader of ``(images uint8 [B,3,S,S], labels int64 [B], indices int64 [B])`` on ``device``.
 
-    ``workers`` is FFCV's decode threads (-1: all cores); ``os_cache`` lets the page cache hold the file
-    for all ranks of a node (False: each process caches what it reads, for files larger than memory);
-    ``indices`` restricts the loader to those samples (e.g. one rank's block for feature extraction).
+    ``workers`` is FFCV's decode threads (-1: all cores; at most the threads numba was started with);
+    ``os_cache`` lets the page cache hold the file for all ranks of a node (False: each process caches
+    what it reads, for files larger than memory); ``indices`` restricts the loader to those samples
+    (e.g. one rank's block for feature extraction).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # numba refuses more threads than it started with (the cores, unless NUMBA_NUM_THREADS says otherwise).
+    available = numba.config.NUMBA_NUM_THREADS
+    workers = available if workers < 1 else min(workers, available)
     info = info or read_beton(path)
     device = torch.device(device)
     # On CPU the batch is already where it is used; on GPU FFCV copies it from pinned memory on its own stream.
@@ -173,9 +184,10 @@ def build_ffcv_loader(
     chosen = np.arange(info.num_samples) if indices is None else np.asarray(indices, dtype=np.int64)
     sampler = ShardedSampler(len(chosen), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
                              drop_last=drop_last)
-    loader = _Loader(str(info.path), batch_size=batch_size, num_workers=workers, os_cache=os_cache,
-                     order=OrderOption.SEQUENTIAL, seed=seed, indices=chosen, pipelines=pipelines,
-                     drop_last=drop_last)
+    with keep_torch_threads():
+        loader = _Loader(str(info.path), batch_size=batch_size, num_workers=workers, os_cache=os_cache,
+                         order=OrderOption.SEQUENTIAL, seed=seed, indices=chosen, pipelines=pipelines,
+                         drop_last=drop_last)
     # FFCV 1.0.2 cannot take a custom order class in its constructor (it calls an instance), so it is set here.
     loader.traversal_order = _RankOrder(loader, sampler, batch_size, drop_last)
     return FFCVLoader(batch_size, sampler, loader)
