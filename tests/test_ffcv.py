@@ -71,6 +71,20 @@ def test_ffcv_leaves_torch_threads_alone_and_caps_its_threads_at_numbas(tmp_path
         torch.set_num_threads(before)
 
 
+def test_leaving_an_epoch_early_stops_ffcvs_decode_thread(tmp_path):
+    """A step limit ends the loop mid-epoch; FFCV's thread must not run on (it can abort the exit)."""
+    import threading
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    path = write_beton(random_set(n=200), tmp_path / "x.beton", workers=1)
+    batches = iter(build_ffcv_loader(path, 8, shuffle=True, drop_last=True, workers=1))
+    next(batches)
+    assert any(isinstance(t, EpochIterator) for t in threading.enumerate())
+    batches.close()  # what leaving a for loop does to the generator
+    assert not any(isinstance(t, EpochIterator) and t.is_alive() for t in threading.enumerate())
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_ffcv_batches_equal_the_torchvision_loaders_including_a_mid_epoch_resume(tmp_path, world):
     """Same images, labels and indices in the same order for every rank, epoch and skipped prefix."""

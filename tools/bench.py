@@ -30,12 +30,15 @@ def parser() -> argparse.ArgumentParser:
     km.add_argument("--cache", default=".cache/bench", help="where the generated data are kept")
     ld = sub.add_parser("loader", help="FFCV vs torchvision DataLoader images/s, views on the device included")
     ld.add_argument("--format", choices=loader.FORMATS, help="the path to time (default: both, and their ratio)")
-    ld.add_argument("--images", type=int, default=20_000, help="images generated, and images timed")
+    ld.add_argument("--images", type=int, default=20_000, help="images generated (and timed, once per epoch)")
+    ld.add_argument("--epochs", type=float, default=1, help="timed passes over the images (rounded up to a batch)")
     ld.add_argument("--size", type=int, default=32, help="image side in pixels (<= 96: in memory / raw, "
                     "else JPEG files / JPEG .beton)")
     ld.add_argument("--batch-size", type=int, help="default 512 up to 96 px, else 64")
     ld.add_argument("--workers", type=int, default=2, help="DataLoader processes / FFCV threads")
     ld.add_argument("--warmup", type=int, default=8, help="batches run before the clock starts")
+    ld.add_argument("--no-views", dest="views", action="store_false",
+                    help="time decode and transfer only (what the CPU does when a GPU makes the views)")
     ld.add_argument("--seed", type=int, default=0)
     ld.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ld.add_argument("--cache", default=".cache/bench", help="where the generated data are kept")

@@ -11,6 +11,7 @@ raw pixels; above, it decodes an ImageFolder of JPEGs and the .beton stores JPEG
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from importlib import metadata
@@ -119,32 +120,35 @@ def make_loader(fmt: str, dataset, data: dict, args, device: torch.device):
                              os_cache=True)
 
 
-def measure(loader, device: torch.device, size: int, warmup: int, batches: int) -> dict:
+def measure(loader, device: torch.device, size: int, warmup: int, batches: int, views: bool = True) -> dict:
     """Seconds for `batches` batches through decode, transfer and views, after `warmup` untimed batches
-    (DataLoader workers start and FFCV compiles its pipeline on the first ones); epochs cycle as needed."""
-    views = ViewsConfig(size=size)
+    (DataLoader workers start and FFCV compiles its pipeline on the first ones); epochs cycle as needed.
+    Without `views`, decode and transfer only: what the CPU does when a GPU makes the views."""
+    config = ViewsConfig(size=size)
     random = StepRandom(device, seed=0)
-    step, images, start, epoch = 0, 0, None, 0
-    while step < warmup + batches:
+    end = warmup + batches
+    step = images = epoch = 0
+    while step < end:
         loader.set_epoch(epoch)
         epoch += 1
         for batch, labels, indices in loader:
+            if step == end:  # the rest of the epoch, untimed: an FFCV epoch left running can abort the exit
+                continue
             batch = batch.to(device, non_blocking=True)
             labels, indices = labels.to(device, non_blocking=True), indices.to(device, non_blocking=True)
-            generator = random.reseed(step)
-            x = crop_flip_view(batch, generator, size=views.size, padding=views.padding)
-            simclr_views(batch, generator, views)  # t1, t2
-            high_frequency(x, views.hf_radius)  # x_h
+            if views:
+                generator = random.reseed(step)
+                x = crop_flip_view(batch, generator, size=config.size, padding=config.padding)
+                simclr_views(batch, generator, config)  # t1, t2
+                high_frequency(x, config.hf_radius)  # x_h
             step += 1
-            if step > warmup:
-                images += len(batch)
-            if step == warmup:
+            images += len(batch) if step > warmup else 0
+            if step in (warmup, end):
                 _sync(device)
-                start = time.perf_counter()
-            if step == warmup + batches:
-                break
-    _sync(device)
-    seconds = time.perf_counter() - start
+                if step == warmup:
+                    start = time.perf_counter()
+                else:
+                    seconds = time.perf_counter() - start
     return {"images": images, "batches": batches, "seconds": seconds, "images_per_s": images / seconds}
 
 
@@ -155,16 +159,16 @@ def _sync(device: torch.device) -> None:
 
 def run(fmt: str, dataset, data: dict, args, device: torch.device) -> dict:
     loader = make_loader(fmt, dataset, data, args, device)
-    batches = -(-args.images // args.batch_size)
-    result = measure(loader, device, args.size, args.warmup, batches)
+    batches = math.ceil(args.images * args.epochs / args.batch_size)
+    result = measure(loader, device, args.size, args.warmup, batches, args.views)
     del loader  # its worker processes or threads exit before the next format runs
     report = {"bench": "loader", "format": fmt, "size": args.size, "dataset_images": args.images, **result,
-              "batch_size": args.batch_size, "warmup_batches": args.warmup, "workers": args.workers,
-              "torch_threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0)),
+              "views": args.views, "batch_size": args.batch_size, "warmup_batches": args.warmup,
+              "workers": args.workers, "torch_threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0)),
               "device": str(device), **data, "torch": torch.__version__, "ffcv": _version("ffcv")}
     print(f"{fmt}: {result['images']} images of {args.size} px in {result['seconds']:.2f} s = "
-          f"{result['images_per_s']:.0f} images/s ({args.workers} workers, batch {args.batch_size}, {device})",
-          flush=True)
+          f"{result['images_per_s']:.0f} images/s ({args.workers} workers, batch {args.batch_size}, {device}"
+          f"{'' if args.views else ', no views'})", flush=True)
     return report
 
 
@@ -181,6 +185,8 @@ def main(args) -> dict:
         args.batch_size = 512 if args.size <= IN_MEMORY_MAX_SIZE else 64
     if args.images < args.batch_size:
         raise SystemExit(f"--images ({args.images}) must be at least --batch-size ({args.batch_size})")
+    if args.epochs <= 0 or args.warmup < 1:
+        raise SystemExit(f"need --epochs > 0 and --warmup >= 1, got {args.epochs} and {args.warmup}")
     root = Path(args.cache) / f"loader-{args.images}-{args.size}-{args.seed}"
     dataset, tv = torchvision_data(args.images, args.size, args.seed, root)
     data = {"torchvision": tv, "ffcv": ffcv_data(dataset, args.size, root, args.workers)}

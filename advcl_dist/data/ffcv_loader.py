@@ -117,10 +117,20 @@ class FFCVLoader(Loader):
         self._dataloader.next_epoch = self.sampler.epoch  # FFCV draws the order of `next_epoch`
         with keep_torch_threads():
             batches = iter(self._dataloader)
-        for images, labels, indices in batches:
-            # NCHW like the torchvision path (the trainer's channels_last lives in the weights); also a copy,
-            # so the batch outlives FFCV's reuse of its buffers.
-            yield images.contiguous(), labels.view(-1), indices.view(-1)
+        finished = False
+        try:
+            for images, labels, indices in batches:
+                # NCHW like the torchvision path (the trainer's channels_last lives in the weights); also a
+                # copy, so the batch outlives FFCV's reuse of its buffers.
+                yield images.contiguous(), labels.view(-1), indices.view(-1)
+            finished = True
+        finally:
+            if not finished:
+                # Left mid-epoch (a step limit, an exception): FFCV's decode thread would go on, holding its
+                # buffers, and can abort the interpreter at exit. Stop it, wait for it, then free the buffers.
+                batches.terminate_event.set()
+                batches.join()
+                batches.close()
 
     def __len__(self) -> int:
         left = len(self.sampler)
