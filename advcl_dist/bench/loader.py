@@ -132,8 +132,8 @@ def measure(loader, device: torch.device, size: int, warmup: int, batches: int, 
         loader.set_epoch(epoch)
         epoch += 1
         for batch, labels, indices in loader:
-            if step == end:  # the rest of the epoch, untimed: an FFCV epoch left running can abort the exit
-                continue
+            if step == end:  # leaving mid-epoch stops the loader (FFCV's decode thread too)
+                break
             batch = batch.to(device, non_blocking=True)
             labels, indices = labels.to(device, non_blocking=True), indices.to(device, non_blocking=True)
             if views:
