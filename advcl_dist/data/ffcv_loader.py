@@ -8,6 +8,7 @@ mid-way, so a resumed run replays the same shuffles without decoding the batches
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,8 +66,6 @@ class BetonInfo:
 
 def read_beton(path: str | Path, option: str = "data.beton") -> BetonInfo:
     """Header, labels and image sizes of ``path``; clear errors naming ``option`` for a missing or foreign file."""
-    import json
-
     path = Path(path).expanduser()
     fix = (f"Write it with `python tools/write_ffcv.py --dataset NAME --split SPLIT --out {path}`, or set "
            f"{option} to an existing file.")
@@ -100,11 +99,10 @@ class _RankOrder(TraversalOrder):
         self.drop_last = drop_last
 
     def sample_order(self, epoch: int) -> Sequence[int]:
-        start = self.sampler.start
-        self.sampler.set_epoch(epoch, start)
+        # Epoch and skip are the sampler's, set by `Loader.set_epoch`; FFCV's own epoch counter is not used.
         positions = self.sampler.rank_indices()
         end = len(positions) // self.batch_size * self.batch_size if self.drop_last else len(positions)
-        return self.indices[np.asarray(positions[start:end], dtype=np.int64)]
+        return self.indices[np.asarray(positions[self.sampler.start:end], dtype=np.int64)]
 
 
 class FFCVLoader(Loader):
@@ -114,7 +112,6 @@ class FFCVLoader(Loader):
         super().__init__(None, batch_size, sampler, loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        self._dataloader.next_epoch = self.sampler.epoch  # FFCV draws the order of `next_epoch`
         with keep_torch_threads():
             batches = iter(self._dataloader)
         finished = False

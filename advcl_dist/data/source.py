@@ -46,6 +46,11 @@ def beton_info(data: DataConfig):
     return info
 
 
+def _ffcv_threads(data: DataConfig) -> int:
+    """FFCV decode threads: data.workers, where 0 (no DataLoader workers) means FFCV's -1, every core."""
+    return data.workers or -1
+
+
 def training_data(data: DataConfig, batch_size: int, *, seed: int, rank: int, world_size: int,
                   device: torch.device, shuffle: bool = True, drop_last: bool = True) -> TrainingData:
     """This rank's loader of data.name/data.split, from data.beton with FFCV or from `get_dataset`."""
@@ -53,9 +58,8 @@ def training_data(data: DataConfig, batch_size: int, *, seed: int, rank: int, wo
         from .ffcv_loader import build_ffcv_loader
 
         info = beton_info(data)
-        # FFCV's -1 means every core; data.workers=0 (no DataLoader workers) means the same here.
         loader = build_ffcv_loader(info.path, batch_size, shuffle=shuffle, drop_last=drop_last,
-                                   workers=data.workers or -1, seed=seed, rank=rank, world_size=world_size,
+                                   workers=_ffcv_threads(data), seed=seed, rank=rank, world_size=world_size,
                                    image_size=data.image_size, device=device, os_cache=data.os_cache, info=info)
         return TrainingData(loader, info.num_samples, info.num_classes, f"{info.path} (FFCV)")
     dataset = get_dataset(data.name, data.split, data.root, data.download)
@@ -70,5 +74,5 @@ def image_source(data: DataConfig):
     if data_format(data) == "ffcv":
         from .ffcv_loader import BetonImages
 
-        return BetonImages(beton_info(data), workers=data.workers or -1, os_cache=data.os_cache)
+        return BetonImages(beton_info(data), workers=_ffcv_threads(data), os_cache=data.os_cache)
     return get_dataset(data.name, data.split, data.root, data.download)
