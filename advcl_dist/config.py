@@ -197,15 +197,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return _apply_overrides(cfg, overrides)
 
 
-def with_overrides(cfg: Config, values: dict[str, object]) -> Config:
+def with_overrides(cfg: Config, values: dict[str, object], source: str = "overrides") -> Config:
     """A validated copy of `cfg` with dotted keys set to `values` (taken as they are, not parsed as YAML)."""
-    node = OmegaConf.structured(cfg)
+    nested: dict = {}
     for key, value in values.items():
-        try:
-            OmegaConf.update(node, key, value, merge=False)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"config key '{key}': {e}") from None
-    return _apply_overrides(node, ())
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return _apply_overrides(_merge(OmegaConf.structured(cfg), nested, source), ())
 
 
 def _apply_overrides(node, overrides) -> Config:
@@ -277,9 +278,10 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    """The argument parser every stage CLI shares: a preset plus `key=value` overrides."""
-    parser = argparse.ArgumentParser(description=description,
+def build_parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
+    """The argument parser every stage CLI shares (and tools/submit.py extends): a preset plus `key=value`
+    overrides."""
+    parser = argparse.ArgumentParser(description=description, add_help=add_help,
                                      epilog="Overrides use dotted keys, e.g. train.epochs=10 data.root=/data.")
     parser.add_argument("--config", default=None, help="YAML preset (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")

@@ -145,8 +145,8 @@ def barrier() -> None:
 
 
 def node_names() -> list[str]:
-    """Host names of all ranks, in rank order (one entry per rank)."""
-    name = socket.gethostname()
+    """Node names of all ranks, in rank order (one entry per rank): SLURM's name for the node when there is one."""
+    name = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     if world_size() == 1:
         return [name]
     names: list[str] = [""] * dist.get_world_size()

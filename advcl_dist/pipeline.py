@@ -36,6 +36,8 @@ class Stage:
     values: dict  # dotted keys that turn the pipeline config into this stage's config
     run: Callable[[Config], object]
     done_when: str  # "finished" (run.json says so) or a file whose presence means done
+    needs: tuple[str, ...] = ()  # stages whose outputs this one reads (SLURM chains them with afterok)
+    multi_rank: bool = False  # runs on every rank of a launch (pretraining, clustering), else on one process
 
     @property
     def folder(self) -> Path:
@@ -59,26 +61,28 @@ def plan_stages(cfg: Config) -> list[Stage]:
     root, p = Path(cfg.out_dir), cfg.pipeline
     stages: list[Stage] = []
 
-    def pretrain_stage(method: str, **extra) -> None:
+    def pretrain_stage(method: str, needs: tuple[str, ...] = (), **extra) -> None:
         values = {"train.method": method, "out_dir": str(root / method), "pseudo.labels": None, **extra}
-        stages.append(Stage(method, cfg, values, pretrain, "finished"))
+        stages.append(Stage(method, cfg, values, pretrain, "finished", needs, multi_rank=True))
 
-    fpre = cfg.pseudo.fpre
+    fpre, fpre_needs = cfg.pseudo.fpre, ()
     if fpre is None or "simclr" in p.baselines:
         pretrain_stage("simclr")
-        fpre = fpre or str(root / "simclr" / CHECKPOINT)
-    labels = cfg.pseudo.labels
+        if fpre is None:
+            fpre, fpre_needs = str(root / "simclr" / CHECKPOINT), ("simclr",)
+    labels, label_needs = cfg.pseudo.labels, ()
     if labels is None:
-        stages.append(Stage("cluster", cfg, {"out_dir": str(root / "cluster"), "pseudo.fpre": fpre}, cluster, CLUSTERS))
-        labels = str(root / "cluster" / PSEUDO_LABELS)
-    pretrain_stage("advcl", **{"pseudo.labels": labels})
+        stages.append(Stage("cluster", cfg, {"out_dir": str(root / "cluster"), "pseudo.fpre": fpre}, cluster, CLUSTERS,
+                            fpre_needs, multi_rank=True))
+        labels, label_needs = str(root / "cluster" / PSEUDO_LABELS), ("cluster",)
+    pretrain_stage("advcl", label_needs, **{"pseudo.labels": labels})
     if "supervised_at" in p.baselines:
         pretrain_stage("supervised_at")
     for method in ["advcl", *p.baselines]:
         for mode in p.finetune:
             values = {"out_dir": str(root / f"{method}-{mode}"), "finetune.mode": mode,
                       "finetune.checkpoint": str(root / method / CHECKPOINT)}
-            stages.append(Stage(f"{method}-{mode}", cfg, values, finetune, RESULTS))
+            stages.append(Stage(f"{method}-{mode}", cfg, values, finetune, RESULTS, (method,)))
     return stages
 
 

@@ -25,6 +25,7 @@ from ..rng import StepRandom
 from .backends import build_engine
 from .checkpoint import write_json, write_text
 from .metrics import MetricLogger, NonFiniteLossError
+from .preemption import active_stop_request
 from .run_info import now, run_info
 from .schedule import warmup_cosine
 
@@ -86,6 +87,7 @@ class Trainer:
         # views do not depend on the number of ranks (see rng.StepRandom).
         self.random = StepRandom(self.device, t.seed, self.dist.rank, self.dist.world_size)
         self.step = 0
+        self.stopped_by_signal = False
 
     @property
     def model(self) -> torch.nn.Module:
@@ -145,17 +147,22 @@ class Trainer:
             write_json(info, self.out / "run.json")
             print(self._header(resumed), flush=True)
         logger = MetricLogger(self.out, self.total_steps, self.step, cfg.train.batch_size, enabled=main)
+        stop = active_stop_request()
         try:
-            self._loop(logger, stop_after_steps, on_step)
+            self._loop(logger, stop_after_steps, on_step, stop)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(f"{e}. Training stopped; the last good checkpoint ({self.checkpoint_path}) "
                                      "is kept. Lower optim.lr or check the data.") from None
         finally:
             logger.close()
+        if stop is not None:
+            stop.close()
         if main:
             info["end"] = now()
             info["steps_done"] = self.step
             info["finished"] = self.step >= self.total_steps
+            if self.stopped_by_signal:
+                info["stopped_by_signal"] = True
             write_json(info, self.out / "run.json")
         barrier()  # no rank returns before rank 0's last checkpoint and run.json are written
         return self.out
@@ -173,7 +180,7 @@ class Trainer:
                    if left_out else "")
                 + (f", resumed at step {self.step}" if resumed else "") + f" → {self.out}")
 
-    def _loop(self, logger: MetricLogger, stop_after_steps, on_step) -> None:
+    def _loop(self, logger: MetricLogger, stop_after_steps, on_step, stop=None) -> None:
         t = self.cfg.train
         last = min(self.total_steps, stop_after_steps or self.total_steps)
         engine = self.engine
@@ -195,11 +202,23 @@ class Trainer:
                 record = None
                 if self.step % t.log_every == 0 or self.step % t.ckpt_every == 0 or self.step == last:
                     record = logger.flush(self.step, epoch, engine.lr)
-                if self.step % t.ckpt_every == 0 or self.step == last:
+                saved = self.step % t.ckpt_every == 0 or self.step == last
+                if saved:
                     self.save(finished=self.step == self.total_steps)
                 if on_step is not None:
                     on_step(self, record or {})
                 if self.step >= last:
+                    return
+                if stop is not None and stop.agreed():
+                    # The launcher's warning signal (time limit / preemption): keep every finished step.
+                    if not saved:
+                        logger.flush(self.step, epoch, engine.lr)
+                        self.save()
+                    self.stopped_by_signal = True
+                    if self.dist.is_main:
+                        print(f"[pretrain] stopped at step {self.step} of {self.total_steps} on the launcher's "
+                              f"signal; checkpoint {self.checkpoint_path} written, the requeued job resumes there",
+                              flush=True)
                     return
 
 
