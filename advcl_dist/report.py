@@ -17,11 +17,11 @@ METRICS = ("SA", "RA", "AA")
 
 
 def sweep_points(root: Path) -> dict[str, dict]:
-    """point folder → its overrides, from the sweep.json files at or below `root`."""
+    """point folder → the values its grid point set, from the sweep.json files at or below `root`."""
     points = {}
     for path in sorted(root.rglob("sweep.json")):
         for p in json.loads(path.read_text())["points"]:
-            points[str((path.parent / p["folder"]).resolve())] = p["overrides"]
+            points[str((path.parent / p["folder"]).resolve())] = p["swept"]
     return points
 
 

@@ -103,6 +103,7 @@ def test_sweep_points_folders_and_arrays(tmp_path, capsys):
     assert [p.folder for p in points] == ["00-ks=10_lr=0.1", "01-ks=10_lr=0.2", "02-ks=2,10,50_lr=0.1",
                                           "03-ks=2,10,50_lr=0.2"]
     assert points[2].values == {"pipeline.baselines": [], "pseudo.ks": [2, 10, 50], "optim.lr": 0.1}
+    assert points[2].swept == {"pseudo.ks": [2, 10, 50], "optim.lr": 0.1}
     out = dry_run(capsys, "--sweep", str(sweep), "--output", str(tmp_path / "out"), "--gpus-per-node", "0",
                   "pseudo.fpre=configs/demo.yaml")  # any existing file: nothing runs
     jobs = sbatch_blocks(out)
@@ -126,8 +127,8 @@ def test_bad_sweep_files_name_the_problem(tmp_path, capsys, text, message):
 
 def test_report_tables_a_sweep_with_its_swept_values(tmp_path):
     (tmp_path / "sweep.json").write_text(json.dumps({"points": [
-        {"folder": "00-ks=10", "overrides": {"pseudo.ks": [10]}},
-        {"folder": "01-ks=2,10", "overrides": {"pseudo.ks": [2, 10]}}]}))
+        {"folder": "00-ks=10", "swept": {"pseudo.ks": [10]}, "overrides": {"pseudo.ks": [10], "a.b": 1}},
+        {"folder": "01-ks=2,10", "swept": {"pseudo.ks": [2, 10]}, "overrides": {"pseudo.ks": [2, 10], "a.b": 1}}]}))
     for folder, sa, aa in (("00-ks=10", 80.0, None), ("01-ks=2,10", 81.234, 40.5)):
         out = tmp_path / folder / "advcl-slf"
         out.mkdir(parents=True)

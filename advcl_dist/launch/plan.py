@@ -40,7 +40,12 @@ class JobGroup:
 @dataclass
 class SweepPoint:
     folder: str  # relative to the sweep's output folder
-    values: dict  # dotted key → value
+    swept: dict  # dotted key → this point's value of the grid
+    common: dict  # the sweep's overrides for every point
+
+    @property
+    def values(self) -> dict:
+        return {**self.common, **self.swept}
 
 
 def stages_for(stage: str, cfg: Config) -> list[Stage]:
@@ -105,8 +110,8 @@ def read_sweep(path: str | Path) -> tuple[dict, list[SweepPoint]]:
     keys = list(grid)
     points = []
     for i, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
-        values = dict(zip(keys, combo))
-        points.append(SweepPoint(f"{i:02d}-{point_slug(values)}", {**common, **values}))
+        swept = dict(zip(keys, combo))
+        points.append(SweepPoint(f"{i:02d}-{point_slug(swept)}", swept, common))
     return spec, points
 
 

@@ -84,8 +84,9 @@ def submit(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     write_text(to_yaml(configs[0] if not points else base), output / "config.yaml")
     if points:
-        write_json({"sweep": str(args.sweep), "stage": args.stage, "config": config_path,
-                    "points": [{"folder": p.folder, "overrides": p.values} for p in points]}, output / "sweep.json")
+        rows = [{"folder": p.folder, "swept": p.swept, "overrides": p.values} for p in points]
+        write_json({"sweep": str(args.sweep), "stage": args.stage, "config": config_path, "points": rows},
+                   output / "sweep.json")
     submitted = run_groups(args.cluster, output, groups, resources.cpus_per_task)
     record_submission(output, args, submitted)
     return 0
@@ -144,7 +145,9 @@ def print_dry_run(args, output: Path, configs: list[Config], points, groups: lis
           + (" of the first sweep point" if points else "") + ":")
     print(to_yaml(configs[0]))
     for p in points:
-        print(f"# sweep point {p.folder}: {json.dumps(p.values)}")
+        print(f"# sweep point {p.folder}: {json.dumps(p.swept)}")
+    if points and points[0].common:
+        print(f"# every point: {json.dumps(points[0].common)}")
     for group in groups:
         print(f"\n# ---- job {group.name}: {group.resources.describe()}"
               + (f"; waits for {', '.join(group.needs)}" if group.needs else "")
