@@ -1,7 +1,10 @@
 """The pretraining CLI as a user runs it."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +32,31 @@ def test_tiny_run_writes_the_run_folder_and_a_rerun_does_nothing(tmp_path):
     second = pretrain("--config", str(ROOT / "configs" / "demo.yaml"), f"out_dir={out}", *TINY)
     assert second.returncode == 0 and "already finished" in second.stdout
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_sigusr2_inside_a_slurm_job_stops_at_a_step_with_a_checkpoint_and_the_rerun_resumes(tmp_path):
+    """What slurm/examples/ rely on: SLURM's time-limit signal ends pretraining cleanly, nothing lost."""
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "tools/pretrain.py"), "--config", str(ROOT / "configs/demo.yaml"),
+            f"out_dir={out}", *TINY, "train.epochs=4", "train.ckpt_every=1000", "train.log_every=1"]
+    env = {**os.environ, "SLURM_JOB_ID": "7"}  # a plain `python` in an sbatch script (no srun step): one rank
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR2)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    stopped = int(stdout.split("[pretrain] stopped at step ")[1].split()[0])
+    assert 3 <= stopped < 20
+    assert json.loads((out / "run.json").read_text())["stopped_by_signal"] is True
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and f"resumed at step {stopped}" in resumed.stdout
+    run = json.loads((out / "run.json").read_text())
+    assert run["finished"] is True and [r["step"] for r in run["resumes"]] == [stopped]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))  # 4 epochs × 5 steps, each logged once
 
 
 def test_unknown_key_fails_before_any_work(tmp_path):
