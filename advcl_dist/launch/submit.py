@@ -84,18 +84,21 @@ def submit(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     write_text(to_yaml(configs[0] if not points else base), output / "config.yaml")
     if points:
-        rows = [{"folder": p.folder, "swept": p.swept, "overrides": p.values} for p in points]
-        write_json({"sweep": str(args.sweep), "stage": args.stage, "config": config_path, "points": rows},
+        described = [{"folder": p.folder, "swept": p.swept, "overrides": p.values} for p in points]
+        write_json({"sweep": str(args.sweep), "stage": args.stage, "config": config_path, "points": described},
                    output / "sweep.json")
-    submitted = run_groups(args.cluster, output, groups, resources.cpus_per_task)
-    record_submission(output, args, submitted)
+    rows: list[dict] = []
+    try:
+        run_groups(args.cluster, output, groups, resources.cpus_per_task, rows)
+    finally:  # what was queued is recorded even when a later sbatch (or a local job) fails
+        record_submission(output, args, rows)
     return 0
 
 
-def run_groups(cluster: str, output: Path, groups: list[JobGroup], cpus_per_task: int) -> list[dict]:
-    """Submit every group not yet done; SLURM chains them with dependencies, local/debug wait for each."""
+def run_groups(cluster: str, output: Path, groups: list[JobGroup], cpus_per_task: int, rows: list[dict]) -> None:
+    """Submit every group not yet done, appending one row per job (array) to `rows`; SLURM chains them
+    with dependencies, local/debug wait for each."""
     jobs: dict[str, list] = {}
-    rows = []
     for group in groups:
         folders = [str(s.folder) for s in group.stages]
         if all(s.is_done() for s in group.stages):
@@ -127,7 +130,6 @@ def run_groups(cluster: str, output: Path, groups: list[JobGroup], cpus_per_task
             for job in submitted:  # local jobs die with this process, so wait; a failure stops the chain
                 job.results()
             print(f"[submit] {group.name}: done", flush=True)
-    return rows
 
 
 def record_submission(output: Path, args: argparse.Namespace, rows: list[dict]) -> None:
