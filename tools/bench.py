@@ -7,11 +7,14 @@
            on synthetic images generated once (in both formats) under --cache:
            python tools/bench.py loader --format ffcv --images 20000 --size 32
            (no --format: both, then their ratio; the JSON line is then one object with both runs)
+  step     one AdvCL training step (views + both PGD attacks + update): the authors' one-forward-per-view
+           reference, ours in fp32 and bf16 (and torch.compile), and a supervised step as the yardstick:
+           python tools/bench.py step --arch resnet18 --batch auto --compile --json step.json
 """
 import argparse
 import sys
 
-from advcl_dist.bench import kmeans, loader
+from advcl_dist.bench import kmeans, loader, step
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,9 +45,27 @@ def parser() -> argparse.ArgumentParser:
     ld.add_argument("--seed", type=int, default=0)
     ld.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ld.add_argument("--cache", default=".cache/bench", help="where the generated data are kept")
+    st = sub.add_parser("step", help="one AdvCL training step: reference vs ours (fp32, bf16, compile) vs supervised")
+    st.add_argument("--arch", choices=["resnet18", "resnet50"], default="resnet18")
+    st.add_argument("--width", type=int, default=64, help="first-stage channels of the CIFAR ResNet")
+    st.add_argument("--size", type=int, default=32, help="image and view side in pixels")
+    st.add_argument("--batch", type=_batch, default=512,
+                    help="images per step, or auto (CUDA): the largest power of two <= 1024 that fits")
+    st.add_argument("--modes", nargs="+", choices=step.MODES, help="default: all of them")
+    st.add_argument("--compile", action="store_true", help="also time bf16 with the model in torch.compile")
+    st.add_argument("--attack-steps", type=int, default=5, help="PGD steps of each of the two attacks")
+    st.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    st.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    st.add_argument("--json", help="also write the JSON report to this file")
     return p
+
+
+def _batch(value: str):
+    return value if value == "auto" else int(value)
 
 
 if __name__ == "__main__":
     args = parser().parse_args()
-    sys.exit({"kmeans": kmeans.main, "loader": loader.main}[args.bench](args) and 0)
+    sys.exit({"kmeans": kmeans.main, "loader": loader.main, "step": step.main}[args.bench](args) and 0)
