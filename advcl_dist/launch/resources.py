@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,9 +140,6 @@ def make_executor(cluster: str, folder: Path, r: Resources, job_name: str, depen
 def sbatch_script(folder: Path, r: Resources, job_name: str, dependency: str | None = None,
                   array: int | None = None) -> str:
     """The sbatch file submitit would write for this job (for --dry-run; needs no SLURM)."""
-    import shlex
-    import sys
-
     from submitit.slurm.slurm import _make_sbatch_string  # the function SlurmExecutor writes its files with
 
     params = slurm_parameters(r, job_name, dependency)
