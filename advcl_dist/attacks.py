@@ -17,32 +17,46 @@ from .rng import StepRandom, noise_generator
 @dataclass(frozen=True)
 class PGDResult:
     x_adv: torch.Tensor  # detached, float32 (float64 for float64 x), within the ε-ball around x and [0, 1]
-    initial_loss: torch.Tensor  # objective at the starting point (detached scalar)
-    last_loss: torch.Tensor  # objective at the input of the last step (detached scalar)
+    initial_loss: torch.Tensor  # objective at the starting point (detached scalar; [segments] for several)
+    last_loss: torch.Tensor  # objective at the input of the last step (likewise)
 
 
 def pgd(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float, step_size: float,
-        steps: int, random_start: bool = True, generator: torch.Generator | StepRandom | None = None) -> PGDResult:
+        steps: int, random_start: bool = True, generator: torch.Generator | StepRandom | None = None,
+        segments: int = 1) -> PGDResult:
     """Maximise `objective(x_adv)` (a scalar) by `steps` signed-gradient steps of `step_size`.
 
     Each step is projected onto the L∞ ball of radius `eps` around `x` and clamped to
     [0, 1]. The random start is uniform in the ball (then clamped), drawn from `generator`
     (a `StepRandom`'s per-rank noise stream). Gradients reach only the input: parameters'
     `.grad` are untouched.
+
+    `segments` > 1 runs that many independent attacks in one: `x` holds their inputs as equal
+    row blocks and `objective` returns one loss per block ([segments]), each depending on its
+    own block only (e.g. one forward with per-block BN statistics). Ascending their sum moves
+    every block along its own loss's gradient, so the result equals separate calls, with one
+    forward and backward per step instead of `segments`. The random starts are drawn block by
+    block, as separate calls would draw them; the result's losses are [segments].
     """
     x = x.detach().to(torch.promote_types(x.dtype, torch.float32))  # never below fp32
+    if x.shape[0] % segments:
+        raise ValueError(f"pgd: {x.shape[0]} rows do not split into {segments} equal segments")
     if random_start:
         source = None if generator is None else noise_generator(generator)
-        noise = torch.rand(x.shape, generator=source, device=x.device, dtype=x.dtype)
+        noise = torch.cat([torch.rand(block.shape, generator=source, device=x.device, dtype=x.dtype)
+                           for block in x.chunk(segments)])
         x_adv = (x + (2 * noise - 1) * eps).clamp(0, 1)
     else:
         x_adv = x.clone()
-    initial = last = x.new_zeros(())
+    initial = last = x.new_zeros(() if segments == 1 else (segments,))
     for step in range(steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():
             loss = objective(x_adv)
-        (grad,) = torch.autograd.grad(loss, x_adv)
+        if loss.shape != initial.shape:
+            raise ValueError(f"pgd: the objective returned shape {tuple(loss.shape)}; with segments={segments} "
+                             f"it must return {tuple(initial.shape)}")
+        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         last = loss.detach().float()
         if step == 0:
             initial = last

@@ -1,11 +1,14 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from advcl_dist.config import load_config
+from advcl_dist.data import get_dataset
 from advcl_dist.engine import CHECKPOINT, Trainer
+from advcl_dist.engine.host_sync import HostSyncRecorder
 from advcl_dist.engine.metrics import NonFiniteLossError
 from advcl_dist.engine.schedule import warmup_cosine
 
@@ -111,3 +114,28 @@ def test_bf16_autocast_training_runs_on_cpu(tmp_path):
     state = torch.load(out / CHECKPOINT, weights_only=False)
     assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
     assert all(math.isfinite(v) for v in losses(out).values())
+
+
+@pytest.mark.parametrize("method,amp", [("advcl", "fp32"), ("advcl", "bf16"), ("simclr", "fp32"),
+                                        ("supervised_at", "fp32")])
+def test_a_training_step_never_makes_the_host_wait(tmp_path, method, amp):
+    """No `.item()`, `if tensor`, mask indexing, `nonzero` … between two steps: on a GPU each would stall
+    the queue of kernels. AdvCL runs with pseudo-labels, so both attacks and every loss term are in it."""
+    extra = [f"train.method={method}", f"train.amp={amp}", "attack.steps=2", "train.batch_size=16"]
+    if method == "advcl":
+        num_samples = len(get_dataset("digits", "train"))
+        np.save(tmp_path / "pl.npy", np.stack([np.arange(num_samples) % 2, np.arange(num_samples) % 3], axis=1))
+        extra += [f"pseudo.labels={tmp_path / 'pl.npy'}", "pseudo.ks=[2,3]"]
+    trainer = Trainer(tiny_cfg(tmp_path / "run", *extra))
+    trainer.loader.set_epoch(0)
+    batches = iter(trainer.loader)
+    trainer.train_step(*next(batches))  # the first step creates the optimizer's momentum buffers
+    batch = next(batches)  # reading the data (on the host) is not part of the step
+    with HostSyncRecorder() as recorder:
+        metrics = trainer.train_step(*batch)
+    assert recorder.syncs == []
+    assert trainer.step == 2 and all(torch.isfinite(v) for v in metrics.values())
+    # the recorder is not blind: the logger's flush reads the metrics on the host
+    with HostSyncRecorder() as recorder:
+        torch.stack(list(metrics.values())).sum().item()
+    assert [s.op for s in recorder.syncs] == ["aten._local_scalar_dense.default"]

@@ -1,6 +1,9 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from advcl_dist.config import load_config
 from advcl_dist.losses import multiview_nt_xent
@@ -23,29 +26,64 @@ def test_methods_are_registered_by_name():
     assert {"advcl", "simclr"} <= set(METHODS)
 
 
-def reference_contrastive_attack(model, x, t1, t2, x_h, cfg, generator):
-    """The authors' algorithm: every PGD step re-forwards each view separately (BN in train mode)."""
+def reference_attacks(model, x, t1, t2, x_h, pseudo, cfg, generator):
+    """The authors' algorithm: two PGD loops one after the other; each step of the contrastive one
+    re-forwards every view separately (BN in train mode)."""
     a = cfg.attack
-    noise = torch.rand(x.shape, generator=generator, dtype=x.dtype)
-    x_adv = (x + (2 * noise - 1) * a.eps).clamp(0, 1)
-    for _ in range(a.steps):
-        x_adv.requires_grad_(True)
+
+    def contrastive(x_adv):
         z = [model(x_adv, (("pgd", B),))["proj"]] + [model(v, (("normal", B),))["proj"] for v in (t1, t2, x_h)]
-        loss = multiview_nt_xent(torch.stack(z, dim=1), cfg.loss.temperature)
-        (grad,) = torch.autograd.grad(loss, x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + a.step_size * grad.sign(), x - a.eps), x + a.eps).clamp(0, 1)
-    return x_adv
+        return multiview_nt_xent(torch.stack(z, dim=1), cfg.loss.temperature)
+
+    def pseudo_ce(x_adv):
+        logits = model(x_adv, (("pgd_ce", B),))["pseudo_logits"]
+        return sum(F.cross_entropy(lg, pseudo[:, k]) for k, lg in enumerate(logits)) / len(logits)
+
+    results = []
+    for objective in (contrastive,) if pseudo is None else (contrastive, pseudo_ce):
+        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype)
+        x_adv = (x + (2 * noise - 1) * a.eps).clamp(0, 1)
+        for _ in range(a.steps):
+            x_adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(objective(x_adv), x_adv)
+            x_adv = torch.min(torch.max(x_adv.detach() + a.step_size * grad.sign(), x - a.eps), x + a.eps)
+            x_adv = x_adv.clamp(0, 1)
+        results.append(x_adv)
+    return results
 
 
-def test_clean_projections_computed_once_leave_the_attack_unchanged():
+def test_fused_attacks_with_clean_projections_computed_once_equal_two_separate_attacks(tmp_path):
+    """δ and δ_ce found together (one forward of [x+δ; x+δ_ce] per step, clean views projected once) equal
+    the authors' two loops, in float64; the BN branches' running statistics see the same batches."""
+    labels = np.stack([np.arange(100) % 2, np.arange(100) % 3], axis=1).astype(np.int64)
+    np.save(tmp_path / "pl.npy", labels)
+    cfg, method, model = method_and_model(f"pseudo.labels={tmp_path / 'pl.npy'}")
+    reference_model = copy.deepcopy(model)
+    x = torch.rand(B, 3, 32, 32, dtype=torch.float64)
+    t1, t2 = torch.rand_like(x), torch.rand_like(x)
+    x_h = high_frequency(x)
+    pseudo = torch.as_tensor(labels[:B])
+    ours = method.attacks(model, x, torch.cat([t1, t2, x_h]), pseudo, torch.Generator().manual_seed(3))
+    x_con, x_ce = reference_attacks(reference_model, x, t1, t2, x_h, pseudo, cfg, torch.Generator().manual_seed(3))
+    assert ours.x_adv.shape == (2 * B, 3, 32, 32) and ours.initial_loss.shape == (2,)
+    assert torch.allclose(ours.x_adv[:B], x_con, atol=1e-6) and torch.allclose(ours.x_adv[B:], x_ce, atol=1e-6)
+    assert not torch.allclose(x_con, x_ce, atol=1e-3)  # two different attacks
+    assert (ours.x_adv - torch.cat([x, x])).abs().max() <= cfg.attack.eps + 1e-6
+    for branch in ("pgd", "pgd_ce"):
+        ours_bn, ref_bn = model.encoder.bn1.bns[branch], reference_model.encoder.bn1.bns[branch]
+        assert ours_bn.num_batches_tracked == ref_bn.num_batches_tracked == cfg.attack.steps
+        assert torch.allclose(ours_bn.running_mean, ref_bn.running_mean, atol=1e-9)
+
+
+def test_attack_without_pseudo_labels_is_the_contrastive_one_alone():
     cfg, method, model = method_and_model()
     x = torch.rand(B, 3, 32, 32, dtype=torch.float64)
     t1, t2 = torch.rand_like(x), torch.rand_like(x)
     x_h = high_frequency(x)
-    ours = method.contrastive_attack(model, x, torch.cat([t1, t2, x_h]), torch.Generator().manual_seed(3))
-    reference = reference_contrastive_attack(model, x, t1, t2, x_h, cfg, torch.Generator().manual_seed(3))
-    assert torch.allclose(ours.x_adv.double(), reference, atol=1e-6)
-    assert (ours.x_adv - x).abs().max() <= cfg.attack.eps + 1e-6
+    ours = method.attacks(model, x, torch.cat([t1, t2, x_h]), None, torch.Generator().manual_seed(3))
+    (reference,) = reference_attacks(copy.deepcopy(model), x, t1, t2, x_h, None, cfg, torch.Generator().manual_seed(3))
+    assert ours.x_adv.shape == x.shape and ours.initial_loss.shape == ()
+    assert torch.allclose(ours.x_adv, reference, atol=1e-6)
 
 
 def test_advcl_step_with_pseudo_labels(tmp_path):
@@ -96,13 +134,13 @@ def test_advcl_step_under_bf16_autocast_keeps_fp32_loss_and_perturbation():
     model = model.float()
     images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)
     seen = {}
-    original = method.contrastive_attack
+    original = method.attacks
 
     def spy(*args, **kwargs):
         seen["attack"] = original(*args, **kwargs)
         return seen["attack"]
 
-    method.contrastive_attack = spy
+    method.attacks = spy
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = method.training_step(model, images, torch.arange(B), torch.Generator().manual_seed(0))
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
@@ -138,3 +176,9 @@ def test_supervised_at_trains_a_classifier_on_pgd10_examples_of_the_true_labels(
     assert out.loss > clean
     with pytest.raises(ValueError, match="label"):
         method.training_step(model, images, torch.arange(B), torch.Generator(), labels=None)
+
+
+def test_supervised_at_refuses_a_split_with_unlabelled_images_before_training():
+    cfg = load_config(None, ["data.name=stl10", "data.split=train+unlabeled", "train.method=supervised_at"])
+    with pytest.raises(ValueError, match=r"data.split=train\+unlabeled .*data.split=train"):
+        build_method(cfg, 105000, torch.device("cpu"), num_classes=10)

@@ -180,6 +180,24 @@ class Trainer:
                    if left_out else "")
                 + (f", resumed at step {self.step}" if resumed else "") + f" → {self.out}")
 
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step on a loader batch; returns its metrics as device tensors.
+
+        Nothing here waits for the device (tests/test_engine.py checks it with `HostSyncRecorder`): the
+        loader's batches are pinned, their copies non-blocking, and metrics are read only at `flush`.
+        """
+        # channels_last lives in the weights: convolutions then return channels_last activations.
+        images = images.to(self.device, non_blocking=True)
+        indices = indices.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        engine = self.engine
+        with autocast_for(self.cfg, self.device):
+            out = self.method.training_step(engine.model, images, indices, self.random.reseed(self.step),
+                                            engine.module, labels)
+        engine.update(out.loss)
+        self.step += 1
+        return out.metrics
+
     def _loop(self, logger: MetricLogger, stop_after_steps, on_step, stop=None) -> None:
         t = self.cfg.train
         last = min(self.total_steps, stop_after_steps or self.total_steps)
@@ -189,16 +207,7 @@ class Trainer:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
             self.loader.set_epoch(epoch, start_batch=skip)
             for images, labels, indices in self.loader:
-                # channels_last lives in the weights: convolutions then return channels_last activations.
-                images = images.to(self.device, non_blocking=True)
-                indices = indices.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
-                with autocast_for(self.cfg, self.device):
-                    out = self.method.training_step(engine.model, images, indices, self.random.reseed(self.step),
-                                                    engine.module, labels)
-                engine.update(out.loss)
-                self.step += 1
-                logger.update(out.metrics)
+                logger.update(self.train_step(images, labels, indices))
                 record = None
                 if self.step % t.log_every == 0 or self.step % t.ckpt_every == 0 or self.step == last:
                     record = logger.flush(self.step, epoch, engine.lr)

@@ -2,8 +2,9 @@
 
 Per batch: the lightly augmented x, two SimCLR views t1/t2 and the high-frequency view
 x_h of x; δ maximises the four-view contrastive loss of (x+δ, t1, t2, x_h) through the
-`pgd` BN branch; with pseudo-labels, δ_ce maximises their mean CE through `pgd_ce`. The
-training forward runs all views in one pass: L = L_con + λ · mean_K CE_K(x + δ_ce).
+`pgd` BN branch; with pseudo-labels, δ_ce maximises their mean CE through `pgd_ce` (both
+attacks share each PGD step's forward). The training forward runs all views in one pass:
+L = L_con + λ · mean_K CE_K(x + δ_ce).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from ..attacks import pgd
 from ..config import ConfigError
@@ -55,49 +57,54 @@ class AdvCL(Method):
     def pseudo_ks(self):
         return tuple(self.cfg.pseudo.ks) if self.pseudo_labels is not None else ()
 
-    def _pgd(self, objective, x, generator):
-        a = self.cfg.attack
-        return pgd(objective, x, a.eps, a.step_size, a.steps, a.random_start, generator)
+    def attacks(self, model, x, clean_views, pseudo, generator):
+        """δ on the four-view contrastive loss of (x+δ, t1, t2, x_h) through the `pgd` branch and, with
+        pseudo-labels, δ_ce on their mean CE through `pgd_ce`, found together.
 
-    def contrastive_attack(self, model, x, clean_views, generator):
-        """δ on the four-view loss; the clean views' projections are computed once, not every step."""
-        b = x.shape[0]
+        The clean views' projections are computed once, not at every PGD step. The two attacks are
+        independent (same x, ε, steps; separate BN branches and losses), so each PGD step forwards
+        [x+δ; x+δ_ce] as one batch with per-branch BN statistics: one pass per step instead of two,
+        with the same δ and δ_ce as two separate attacks (tests/test_methods.py checks it). Returns the
+        `PGDResult` of x_adv = [x+δ] or [x+δ; x+δ_ce], with one initial loss per attack.
+        """
+        b, a = x.shape[0], self.cfg.attack
         with torch.no_grad():
             z_clean = split_views(model(clean_views, views_plan(("normal",) * 3, b))["proj"], 3)
+        plan = views_plan(("pgd",) if pseudo is None else ("pgd", "pgd_ce"), b)
 
         def objective(x_adv):
-            z_adv = model(x_adv, (("pgd", b),))["proj"]
-            return self.contrastive(torch.cat([z_adv[:, None], z_clean], dim=1))
+            out = model(x_adv, plan)
+            loss_con = self.contrastive(torch.cat([out["proj"][:b, None], z_clean], dim=1))
+            if pseudo is None:
+                return loss_con
+            return torch.stack([loss_con, pseudo_label_ce([logits[b:] for logits in out["pseudo_logits"]], pseudo)])
 
-        return self._pgd(objective, x, generator)
-
-    def pseudo_attack(self, model, x, labels, generator):
-        """δ_ce on the mean pseudo-label CE, through the `pgd_ce` branch."""
-        b = x.shape[0]
-        return self._pgd(lambda x_adv: pseudo_label_ce(model(x_adv, (("pgd_ce", b),))["pseudo_logits"], labels),
-                         x, generator)
+        start = x if pseudo is None else torch.cat([x, x])
+        return pgd(objective, start, a.eps, a.step_size, a.steps, a.random_start, generator, segments=len(plan))
 
     def training_step(self, model, images, indices, generator, attack_model=None, labels=None) -> StepOutput:
         # `labels` (true classes) are ignored: AdvCL is self-supervised.
         attack_model = attack_model or model
         v, b = self.cfg.views, images.shape[0]
-        x = crop_flip_view(images, generator, size=v.size, padding=v.padding)
-        t1, t2 = simclr_views(images, generator, v)
-        x_h = high_frequency(x, v.hf_radius)
-        adv = self.contrastive_attack(attack_model, x, torch.cat([t1, t2, x_h]), generator)
-        views, branches = [adv.x_adv, t1, t2, x_h], ["pgd", "normal", "normal", "normal"]
-        pseudo = None
-        if self.pseudo_labels is not None:
-            pseudo = self.pseudo_labels[indices]
-            views.append(self.pseudo_attack(attack_model, x, pseudo, generator).x_adv)
-            branches.append("pgd_ce")
-        out = model(torch.cat(views), views_plan(branches, b))
-        loss_con = self.contrastive(split_views(out["proj"][: 4 * b], 4))
-        metrics = {"loss_con": loss_con.detach(), "attack_gain": loss_con.detach() - adv.initial_loss}
-        loss = loss_con
-        if pseudo is not None:
-            loss_ce = pseudo_label_ce([logits[4 * b:] for logits in out["pseudo_logits"]], pseudo)
-            loss = loss_con + self.cfg.loss.pseudo_weight * loss_ce
-            metrics["loss_ce"] = loss_ce.detach()
+        with record_function("advcl/views"):
+            x = crop_flip_view(images, generator, size=v.size, padding=v.padding)
+            t1, t2 = simclr_views(images, generator, v)
+            x_h = high_frequency(x, v.hf_radius)
+        pseudo = self.pseudo_labels[indices] if self.pseudo_labels is not None else None
+        with record_function("advcl/attacks"):
+            adv = self.attacks(attack_model, x, torch.cat([t1, t2, x_h]), pseudo, generator)
+        # Training views: x + δ (pgd), t1, t2, x_h (normal) [, x + δ_ce (pgd_ce)].
+        views = [adv.x_adv[:b], t1, t2, x_h] + ([] if pseudo is None else [adv.x_adv[b:]])
+        branches = ["pgd", "normal", "normal", "normal"] + ([] if pseudo is None else ["pgd_ce"])
+        with record_function("advcl/training_forward"):
+            out = model(torch.cat(views), views_plan(branches, b))
+            loss_con = self.contrastive(split_views(out["proj"][: 4 * b], 4))
+            initial_con = adv.initial_loss if pseudo is None else adv.initial_loss[0]
+            metrics = {"loss_con": loss_con.detach(), "attack_gain": loss_con.detach() - initial_con}
+            loss = loss_con
+            if pseudo is not None:
+                loss_ce = pseudo_label_ce([logits[4 * b:] for logits in out["pseudo_logits"]], pseudo)
+                loss = loss_con + self.cfg.loss.pseudo_weight * loss_ce
+                metrics["loss_ce"] = loss_ce.detach()
         metrics["loss"] = loss.detach()
         return StepOutput(loss, metrics)

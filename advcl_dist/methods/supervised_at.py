@@ -22,17 +22,19 @@ class SupervisedAT(Method):
 
     def __init__(self, cfg, num_samples, device, num_classes=None):
         super().__init__(cfg, num_samples, device, num_classes)
-        if not num_classes:
-            raise ConfigError(f"train.method=supervised_at needs labelled data; {cfg.data.name}/{cfg.data.split} "
-                              "has no classes")
+        if not num_classes or "unlabeled" in cfg.data.split:
+            # Checked here, once: a per-step check of the labels would make the host wait for the GPU.
+            raise ConfigError(f"train.method=supervised_at needs a label for every training image; "
+                              f"data.split={cfg.data.split} of {cfg.data.name} has unlabelled images. "
+                              "Pick a labelled split (e.g. data.split=train).")
 
     def build_model(self) -> AdvCLNet:
         m = self.cfg.model
         return build_model(m.arch, m.width, self.branches, pseudo_ks=(self.num_classes,), projector=False)
 
     def training_step(self, model, images, indices, generator, attack_model=None, labels=None) -> StepOutput:
-        if labels is None or (labels < 0).any():
-            raise ValueError("supervised_at needs a label for every training image (the data has unlabelled ones)")
+        if labels is None:
+            raise ValueError("supervised_at needs the dataset's labels")
         attack_model = attack_model or model
         v, a, b = self.cfg.views, self.cfg.attack, images.shape[0]
         x = crop_flip_view(images, generator, size=v.size, padding=v.padding)
