@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from advcl_dist.bench.profile import count_costs
 from advcl_dist.bench.reference import reference_step
-from advcl_dist.bench.step import make_setup
+from advcl_dist.bench.step import make_setup, make_step
+from advcl_dist.data.augment import to_float
 from advcl_dist.rng import StepRandom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +58,8 @@ def test_loader_bench_small(tmp_path):
 def test_step_bench_small(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "step", "--width", "4", "--size", "32",
                           "--batch", "8", "--steps", "2", "--warmup", "1", "--attack-steps", "2", "--device", "cpu",
-                          "--json", str(tmp_path / "step.json")], capture_output=True, text=True, timeout=300,
+                          "--json", str(tmp_path / "step.json"), "--profile", str(tmp_path / "profile")],
+                         capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # tiny ops: threads only wait on each other
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
@@ -63,8 +67,17 @@ def test_step_bench_small(tmp_path):
     assert report["bench"] == "step" and report["args"]["batch"] == 8 and report["config"]["steps"] == 2
     runs = report["modes"]
     assert list(runs) == ["reference", "fp32", "bf16", "supervised"]
-    for run in runs.values():
+    for mode, run in runs.items():
         assert run["images_per_s"] > 0 and run["flops_per_image"] > 0 and len(run["step_ms"]) == 2
+        assert run["host_syncs"] == []
+        # --profile: a Chrome trace and an op table per mode, and the time split by kind of operation
+        profile = run["profile"]
+        assert json.loads((tmp_path / "profile" / f"{mode}.trace.json").read_text())["traceEvents"]
+        assert "aten::" in (tmp_path / "profile" / f"{mode}.ops.txt").read_text()
+        assert sum(profile["share"].values()) == pytest.approx(1.0)
+        assert profile["share"]["convolution"] > 0.1  # a ResNet step, even at width 4
+    assert {"advcl/views", "advcl/attacks", "advcl/training_forward"} <= set(runs["fp32"]["profile"]["ranges"])
+    assert "Where the time goes" in res.stdout and "host-synchronising ops per step: reference 0" in res.stdout
     # the reference re-forwards the three clean views at every PGD step; ours projects them once
     assert runs["reference"]["flops_per_image"] > runs["fp32"]["flops_per_image"]
     assert runs["fp32"]["flops_per_image"] == runs["bf16"]["flops_per_image"]
@@ -94,3 +107,32 @@ def test_reference_step_loss_and_gradients_equal_ours():
     # atol: the bias before the projector's BN has gradient 0 up to rounding
     differ = [name for name, p in reference.items() if not torch.allclose(ours[name].grad, p.grad, 1e-4, 1e-5 * scale)]
     assert not differ
+
+
+def _flops(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
+
+
+def test_reference_costs_exactly_the_clean_views_re_forwarded_at_each_later_pgd_step():
+    """FLOPs (matmuls, convolutions) of the authors' step = ours + the 3 clean views forwarded again at each
+    PGD step after the first, − what our batched forwards spend on rows a loss does not use: the gradient
+    through the projection head of the δ_ce rows and the pseudo heads of the δ rows at every PGD step, and
+    in the training backward the pseudo heads of the four contrastive views (weights and input) and the
+    projection head of the δ_ce view. Each part is counted on its own, on plain forwards."""
+    steps, b = 3, 8
+    setup = make_setup(b, "resnet18", 4, 32, attack_steps=steps, seed=0, device=torch.device("cpu"))
+    ours, reference = (count_costs(make_step(mode, setup, 0)[0], 0)[0] for mode in ("fp32", "reference"))
+    model = setup.fresh_model(0)
+    x = to_float(setup.images)
+    forward = _flops(lambda: model(x, (("normal", b),)))
+    h = model.encoder(x)
+    proj = _flops(lambda: model.projector(h))
+    heads = _flops(lambda: [head(h) for head in model.pseudo_heads])
+    # per PGD step, input gradients only (a linear layer's costs what its forward does); in the training
+    # backward weight and input gradients (twice the forward) of the unused rows
+    unused = steps * (proj + heads) + 2 * (4 * heads + proj)
+    assert proj > 0 and heads > 0
+    assert reference - ours == 3 * (steps - 1) * forward - unused

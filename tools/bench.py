@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     st.add_argument("--json", help="also write the JSON report to this file")
+    st.add_argument("--profile", metavar="DIR", help="also profile each mode (torch.profiler): a trace and an op "
+                    "table per mode in DIR, the share of time per kind of operation in the report")
     return p
 
 

@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config, load_config
 from ..data.augment import crop_flip_view
@@ -42,10 +41,12 @@ from ..distributed import pick_device
 from ..methods import Method, build_method
 from ..models import Classifier
 from ..rng import StepRandom
+from .profile import count_costs, profile_steps, profile_table
 from .reference import reference_step
 
 MODES = ("reference", "fp32", "bf16", "supervised")
 CLASSES = 10  # of the supervised yardstick's classifier
+PROFILED_STEPS = 2  # with --profile: after the timed and the counted steps
 
 
 @dataclass
@@ -127,21 +128,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _GlobalTotalOnly(contextlib.nullcontext):
-    """Stands in for FlopCounterMode's per-module tracker: its hooks make torch.autograd.grad with a leaf
-    input (PGD's x_adv) fail (pytorch/pytorch#131753, open), and we need the global total only."""
-
-    parents = ("Global",)
-
-
-def count_flops(step: Callable[[int], torch.Tensor], i: int) -> int:
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _GlobalTotalOnly()
-    with counter:
-        step(i)
-    return counter.get_total_flops()
-
-
 def run_mode(mode: str, setup: Setup, args) -> dict:
     device, batch = setup.method.device, setup.images.shape[0]
     step, precision = make_step(mode, setup, args.seed)
@@ -158,13 +144,18 @@ def run_mode(mode: str, setup: Setup, args) -> dict:
         _sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    # FlopCounterMode sees aten ops, which compiled code does not dispatch: count the same step eagerly.
+    # The FLOP counter and the sync recorder see aten ops, which compiled code does not dispatch: count
+    # the same step eagerly.
     counter_step = make_step("bf16", setup, args.seed)[0] if mode == "bf16-compile" else step
-    flops = count_flops(counter_step, args.warmup + args.steps)
+    first = args.warmup + args.steps
+    flops, syncs = count_costs(counter_step, first)
     seconds = statistics.median(times)
-    return {"precision": precision, "images_per_s": batch / seconds, "ms_per_step": seconds * 1e3,
-            "step_ms": [round(t * 1e3, 3) for t in times], "flops_per_image": flops / batch,
-            "tflops": flops / seconds / 1e12, "peak_gib": peak}
+    run = {"precision": precision, "images_per_s": batch / seconds, "ms_per_step": seconds * 1e3,
+           "step_ms": [round(t * 1e3, 3) for t in times], "flops_per_image": flops / batch,
+           "tflops": flops / seconds / 1e12, "peak_gib": peak, "host_syncs": syncs}
+    if args.profile:
+        run["profile"] = profile_steps(step, first + 1, PROFILED_STEPS, device, Path(args.profile), mode)
+    return run
 
 
 def _free(device: torch.device) -> None:
@@ -233,6 +224,8 @@ def table(report: dict) -> str:
     d = report["derived"]
     eff = ", ".join(f"{m} {x:.2f}" for m, x in d["advcl_efficiency"].items()) or "– (needs supervised and fp32/bf16)"
     lines.append(f"\nAdvCL efficiency (achieved FLOP rate ÷ the supervised step's): {eff}")
+    syncs = {mode: len(r["host_syncs"]) for mode, r in report["modes"].items() if "host_syncs" in r}
+    lines.append("host-synchronising ops per step: " + ", ".join(f"{m} {n}" for m, n in syncs.items()))
     if "supervised" in report["modes"]:
         lines.append(f"supervised yardstick runs in {report['modes']['supervised'].get('precision', '?')}")
     if report["device"].startswith("cuda"):
@@ -292,6 +285,9 @@ def main(args) -> dict:
                          "temperature": setup.cfg.loss.temperature, "pseudo_weight": setup.cfg.loss.pseudo_weight},
               "modes": runs}
     report["derived"] = derived(runs, peak)
+    profiled = profile_table(runs)
+    if profiled:
+        print(f"Where the time goes ({args.profile}; {PROFILED_STEPS} profiled steps per mode):\n{profiled}\n")
     print(table(report))
     line = json.dumps(report)
     if args.json:

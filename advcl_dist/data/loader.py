@@ -194,4 +194,4 @@ def ordered_batches(dataset: Dataset, batch_size: int, image_size: int | None, d
     loader = build_loader(dataset, batch_size, shuffle=False, drop_last=False, image_size=image_size)
     loader.set_epoch(0)
     for images, labels, _ in loader:
-        yield to_float(images.to(device)), labels.to(device)
+        yield to_float(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
