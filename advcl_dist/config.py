@@ -64,6 +64,9 @@ class AttackConfig:
     supervised_steps: int = 10  # PGD-10 of ALF, of AFF's TRADES inner loop and of the supervised_at baseline
     eval_steps: int = 20  # PGD-20 of the reported robust accuracy (RA)
     random_start: bool = True
+    # AdvCL's δ and δ_ce share each PGD step's forward ([x+δ; x+δ_ce], per-branch BN statistics): the same
+    # perturbations with half the passes (launches, host time), at the cost of a copy per BN layer.
+    fuse: bool = True
 
 
 @dataclass

@@ -66,7 +66,7 @@ def test_step_bench_small(tmp_path):
     assert report == json.loads((tmp_path / "step.json").read_text())
     assert report["bench"] == "step" and report["args"]["batch"] == 8 and report["config"]["steps"] == 2
     runs = report["modes"]
-    assert list(runs) == ["reference", "fp32", "bf16", "supervised"]
+    assert list(runs) == ["reference", "fp32", "bf16", "bf16-unfused", "supervised"]
     for mode, run in runs.items():
         assert run["images_per_s"] > 0 and run["flops_per_image"] > 0 and len(run["step_ms"]) == 2
         assert run["host_syncs"] == []
@@ -81,8 +81,10 @@ def test_step_bench_small(tmp_path):
     # the reference re-forwards the three clean views at every PGD step; ours projects them once
     assert runs["reference"]["flops_per_image"] > runs["fp32"]["flops_per_image"]
     assert runs["fp32"]["flops_per_image"] == runs["bf16"]["flops_per_image"]
+    # unfused: no gradient through the heads of rows that no attack loss uses
+    assert runs["bf16-unfused"]["flops_per_image"] < runs["bf16"]["flops_per_image"]
     assert runs["supervised"]["precision"] == "fp32"  # on CPU
-    assert set(report["derived"]["advcl_efficiency"]) == {"fp32", "bf16"}
+    assert set(report["derived"]["advcl_efficiency"]) == {"fp32", "bf16", "bf16-unfused"}
     assert "| reference |" in res.stdout and "AdvCL efficiency" in res.stdout
 
 

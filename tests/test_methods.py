@@ -52,12 +52,14 @@ def reference_attacks(model, x, t1, t2, x_h, pseudo, cfg, generator):
     return results
 
 
-def test_fused_attacks_with_clean_projections_computed_once_equal_two_separate_attacks(tmp_path):
-    """δ and δ_ce found together (one forward of [x+δ; x+δ_ce] per step, clean views projected once) equal
-    the authors' two loops, in float64; the BN branches' running statistics see the same batches."""
+@pytest.mark.parametrize("fuse", [True, False])
+def test_attacks_with_clean_projections_computed_once_equal_the_authors_two_loops(tmp_path, fuse):
+    """δ and δ_ce, found together (attack.fuse: one forward of [x+δ; x+δ_ce] per step) or one after the other,
+    with the clean views projected once, equal the authors' two loops in float64; the BN branches' running
+    statistics see the same batches."""
     labels = np.stack([np.arange(100) % 2, np.arange(100) % 3], axis=1).astype(np.int64)
     np.save(tmp_path / "pl.npy", labels)
-    cfg, method, model = method_and_model(f"pseudo.labels={tmp_path / 'pl.npy'}")
+    cfg, method, model = method_and_model(f"pseudo.labels={tmp_path / 'pl.npy'}", f"attack.fuse={fuse}")
     reference_model = copy.deepcopy(model)
     x = torch.rand(B, 3, 32, 32, dtype=torch.float64)
     t1, t2 = torch.rand_like(x), torch.rand_like(x)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from ..attacks import pgd
+from ..attacks import PGDResult, pgd
 from ..config import ConfigError
 from ..data.augment import crop_flip_view
 from ..losses import pseudo_label_ce
@@ -57,30 +57,43 @@ class AdvCL(Method):
     def pseudo_ks(self):
         return tuple(self.cfg.pseudo.ks) if self.pseudo_labels is not None else ()
 
-    def attacks(self, model, x, clean_views, pseudo, generator):
+    def attacks(self, model, x, clean_views, pseudo, generator) -> PGDResult:
         """δ on the four-view contrastive loss of (x+δ, t1, t2, x_h) through the `pgd` branch and, with
-        pseudo-labels, δ_ce on their mean CE through `pgd_ce`, found together.
+        pseudo-labels, δ_ce on their mean CE through `pgd_ce`: x_adv = [x+δ] or [x+δ; x+δ_ce], with one
+        initial loss per attack.
 
         The clean views' projections are computed once, not at every PGD step. The two attacks are
-        independent (same x, ε, steps; separate BN branches and losses), so each PGD step forwards
-        [x+δ; x+δ_ce] as one batch with per-branch BN statistics: one pass per step instead of two,
-        with the same δ and δ_ce as two separate attacks (tests/test_methods.py checks it). Returns the
-        `PGDResult` of x_adv = [x+δ] or [x+δ; x+δ_ce], with one initial loss per attack.
+        independent (same x, ε, steps; separate BN branches and losses), so with attack.fuse each PGD step
+        forwards [x+δ; x+δ_ce] as one batch with per-branch BN statistics: one pass per step instead of
+        two, with the same δ and δ_ce as two separate attacks (tests/test_methods.py checks both ways).
         """
         b, a = x.shape[0], self.cfg.attack
         with torch.no_grad():
             z_clean = split_views(model(clean_views, views_plan(("normal",) * 3, b))["proj"], 3)
-        plan = views_plan(("pgd",) if pseudo is None else ("pgd", "pgd_ce"), b)
 
-        def objective(x_adv):
-            out = model(x_adv, plan)
-            loss_con = self.contrastive(torch.cat([out["proj"][:b, None], z_clean], dim=1))
-            if pseudo is None:
-                return loss_con
-            return torch.stack([loss_con, pseudo_label_ce([logits[b:] for logits in out["pseudo_logits"]], pseudo)])
+        def contrastive(out, rows=slice(None)):
+            return self.contrastive(torch.cat([out["proj"][rows, None], z_clean], dim=1))
 
-        start = x if pseudo is None else torch.cat([x, x])
-        return pgd(objective, start, a.eps, a.step_size, a.steps, a.random_start, generator, segments=len(plan))
+        def pseudo_ce(out, rows=slice(None)):
+            return pseudo_label_ce([logits[rows] for logits in out["pseudo_logits"]], pseudo)
+
+        def attack(objective, start, segments=1):
+            return pgd(objective, start, a.eps, a.step_size, a.steps, a.random_start, generator, segments)
+
+        if pseudo is None:
+            return attack(lambda x_adv: contrastive(model(x_adv, (("pgd", b),))), x)
+        if a.fuse:
+            plan = views_plan(("pgd", "pgd_ce"), b)
+
+            def both(x_adv):
+                out = model(x_adv, plan)
+                return torch.stack([contrastive(out, slice(0, b)), pseudo_ce(out, slice(b, None))])
+
+            return attack(both, torch.cat([x, x]), segments=2)
+        con = attack(lambda x_adv: contrastive(model(x_adv, (("pgd", b),))), x)
+        ce = attack(lambda x_adv: pseudo_ce(model(x_adv, (("pgd_ce", b),))), x)
+        return PGDResult(torch.cat([con.x_adv, ce.x_adv]), torch.stack([con.initial_loss, ce.initial_loss]),
+                         torch.stack([con.last_loss, ce.last_loss]))
 
     def training_step(self, model, images, indices, generator, attack_model=None, labels=None) -> StepOutput:
         # `labels` (true classes) are ignored: AdvCL is self-supervised.
