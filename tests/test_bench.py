@@ -138,3 +138,13 @@ def test_reference_costs_exactly_the_clean_views_re_forwarded_at_each_later_pgd_
     unused = steps * (proj + heads) + 2 * (4 * heads + proj)
     assert proj > 0 and heads > 0
     assert reference - ours == 3 * (steps - 1) * forward - unused
+
+
+def test_step_bench_refuses_an_output_it_cannot_write_before_timing(tmp_path):
+    (tmp_path / "file").write_text("")
+    for option, value, message in (("--json", tmp_path / "missing" / "step.json", "its folder does not exist"),
+                                   ("--profile", tmp_path / "file" / "prof", "cannot create the folder")):
+        res = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "step", "--device", "cpu",
+                              option, str(value)], capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0 and f"{option} {value}: {message}" in res.stderr
+        assert "ms/step" not in res.stdout  # nothing was timed
