@@ -49,7 +49,8 @@ def _syncs(func, args, kwargs) -> bool:
         return any(_is_mask(i) for i in args[1] if i is not None)
     if func in (aten._to_copy.default, aten.copy_.default):
         source = args[1] if func is aten.copy_.default else args[0]
-        target = args[0].device if func is aten.copy_.default else kwargs.get("device", source.device)
+        # _to_copy without a device (or with device=None) stays on the source device
+        target = args[0].device if func is aten.copy_.default else kwargs.get("device") or source.device
         return source.device.type != "cpu" and torch.device(target).type == "cpu"
     return False
 
