@@ -114,8 +114,9 @@ def test_job_signalled_for_its_time_limit_is_requeued_and_resumes(two_node_run, 
                                              text=True).stdout:
         assert time.time() < deadline
         time.sleep(0.5)
-    # SLURM holds a requeued job back (BeginTime, cred_expire + 1 s: 11 s on the local cluster); start it now.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    # SLURM holds a requeued job back until its old launch credential has expired (BeginTime, cred_expire + 1 s:
+    # 11 s on the local cluster). Moving BeginTime to now races that expiry: slurmctld then kills the job as
+    # "non-startable: Job credential revoked". So wait for it.
     wait_for([job])
     log = (tmp_path / "logs" / "pretrain" / f"{job}_0_log.out").read_text()
     stopped = int(log.split("[pretrain] stopped at step ")[1].split()[0])
