@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rng import StepRandom, noise_generator
+from .rng import StepRandom
 
 
 @dataclass(frozen=True)
@@ -22,14 +22,14 @@ class PGDResult:
 
 
 def pgd(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float, step_size: float,
-        steps: int, random_start: bool = True, generator: torch.Generator | StepRandom | None = None,
+        steps: int, random_start: bool = True, generator: StepRandom | None = None,
         segments: int = 1) -> PGDResult:
     """Maximise `objective(x_adv)` (a scalar) by `steps` signed-gradient steps of `step_size`.
 
     Each step is projected onto the L∞ ball of radius `eps` around `x` and clamped to
-    [0, 1]. The random start is uniform in the ball (then clamped), drawn from `generator`
-    (a `StepRandom`'s per-rank noise stream). Gradients reach only the input: parameters'
-    `.grad` are untouched.
+    [0, 1]. The random start is uniform in the ball (then clamped), drawn from `generator.noise`
+    (per rank, or per image after `StepRandom.keyed`; torch's global RNG when None). Gradients reach
+    only the input: parameters' `.grad` are untouched.
 
     `segments` > 1 runs that many independent attacks in one: `x` holds their inputs as equal
     row blocks and `objective` returns one loss per block ([segments]), each depending on its
@@ -42,9 +42,8 @@ def pgd(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps:
     if x.shape[0] % segments:
         raise ValueError(f"pgd: {x.shape[0]} rows do not split into {segments} equal segments")
     if random_start:
-        source = None if generator is None else noise_generator(generator)
-        noise = torch.cat([torch.rand(block.shape, generator=source, device=x.device, dtype=x.dtype)
-                           for block in x.chunk(segments)])
+        noise = torch.cat([torch.rand(block.shape, device=x.device, dtype=x.dtype) if generator is None
+                           else generator.noise(block.shape, x.dtype) for block in x.chunk(segments)])
         x_adv = (x + (2 * noise - 1) * eps).clamp(0, 1)
     else:
         x_adv = x.clone()

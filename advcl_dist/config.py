@@ -3,6 +3,12 @@
 The schema's defaults are the AdvCL authors' CIFAR-10 settings (DESIGN §1); presets in
 `configs/` override what differs. Every problem — an unknown key, a wrong type, a bad
 value — is reported before any work starts, naming the key and where it came from.
+
+Shared sections (data, model, attack threat model, optimiser, ...) are fixed here; every registered
+method with settings of its own adds a section named after it (`advcl.pseudo_weight`), so the schema
+is this dataclass extended by the registered methods (`schema()`). Methods outside the package are
+imported from `train.plugins` (module names or .py files) before the schema is built.
+A config pickles as its YAML (submitit sends configs to the nodes), rebuilt there the same way.
 """
 from __future__ import annotations
 
@@ -51,7 +57,6 @@ class ViewsConfig:
     jitter_p: float = 0.8
     gray_p: float = 0.2
     padding: int = 4  # RandomCrop padding of the attacked view x
-    hf_radius: float = 8.0  # radius of the low-frequency disk removed to make x_h
 
 
 @dataclass
@@ -64,9 +69,6 @@ class AttackConfig:
     supervised_steps: int = 10  # PGD-10 of ALF, of AFF's TRADES inner loop and of the supervised_at baseline
     eval_steps: int = 20  # PGD-20 of the reported robust accuracy (RA)
     random_start: bool = True
-    # AdvCL's δ and δ_ce share each PGD step's forward ([x+δ; x+δ_ce], per-branch BN statistics): the same
-    # perturbations with half the passes (launches, host time), at the cost of a copy per BN layer.
-    fuse: bool = True
 
 
 @dataclass
@@ -75,7 +77,6 @@ class LossConfig:
     # The authors' SupCon loss multiplies by temperature / base_temperature (0.5 / 0.07);
     # kept by default to reproduce their loss scale. null turns the factor off.
     base_temperature: float | None = 0.07
-    pseudo_weight: float = 0.2  # λ of the pseudo-label CE term
 
 
 @dataclass
@@ -104,7 +105,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "advcl"  # a registered method: advcl | simclr
+    method: str = "advcl"  # a registered method (advcl_dist.methods.METHODS)
+    plugins: list[str] = field(default_factory=list)  # modules or .py files registering more methods
     epochs: int = 1000
     batch_size: int = 512  # global: divided over ranks
     seed: int = 0
@@ -127,6 +129,7 @@ class FinetuneConfig:
     dataset: str | None = None  # finetuning/test dataset; null = data.name (another name = transfer)
     root: str | None = None  # its root; null = data.root
     bn_branch: str = "pgd"  # BN branch the encoder uses (the authors' choice); one-branch models ignore it
+    beton: str | None = None  # FFCV file of the finetuning set's train split (tools/write_ffcv.py)
     epochs: int = 25
     batch_size: int = 512
     lr: float | None = None  # null = 0.01 for slf/alf, 0.1 for aff
@@ -144,13 +147,25 @@ class EvalConfig:
     batch_size: int = 512
     autoattack: bool = True  # AA with pyautoattack "standard" (APGD-CE, APGD-T, FAB-T, Square)
     aa_n: int | None = None  # AutoAttack on the first n test images; null = all
-    seed: int = 0  # PGD random starts and AutoAttack
+    seed: int = 0  # PGD random starts (per image: from (seed, image index)) and AutoAttack (per block)
+    beton: str | None = None  # FFCV file of the test split (tools/write_ffcv.py)
 
 
 @dataclass
 class PipelineConfig:
     finetune: list[str] = field(default_factory=lambda: ["slf"])  # modes run for every method
-    baselines: list[str] = field(default_factory=lambda: ["simclr"])  # simclr | supervised_at, beside advcl
+    baselines: list[str] = field(default_factory=lambda: ["simclr"])  # registered methods run beside train.method
+    fpre_method: str = "simclr"  # pretrained as f_pre for the clustering stage when pseudo.fpre is null
+
+
+@dataclass
+class LaunchConfig:
+    """Resources per stage for tools/submit.py; null = the command line's --nodes / --gpus-per-node."""
+
+    pretrain_nodes: int | None = None
+    cluster_nodes: int | None = None
+    finetune_nodes: int | None = None
+    evaluate_nodes: int | None = None
 
 
 @dataclass
@@ -167,19 +182,75 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __reduce__(self):
+        return config_from_yaml, (to_yaml(self),)
 
 
 FINETUNE_MODES = ("slf", "alf", "aff")
 ENGINES = ("ddp", "deepspeed")
 KMEANS_INITS = ("kmeans++", "random")
-BASELINES = ("simclr", "supervised_at")
 DATA_FORMATS = ("ffcv", "torchvision")
+# Keys that moved into a method's own section: an old preset gets the new name in its error.
+MOVED = {"loss.pseudo_weight": "advcl.pseudo_weight", "attack.fuse": "advcl.fuse_attacks",
+         "views.hf_radius": "advcl.hf_radius"}
+METHOD_SETTINGS: dict[str, type] = {}  # method name → its settings dataclass (filled by methods.register)
+_SCHEMAS: dict[tuple, type] = {}
+
+
+def schema() -> type:
+    """`Config` extended by one section per registered method that has settings."""
+    import dataclasses
+
+    from . import methods  # noqa: F401  (registers the built-in methods)
+
+    key = tuple(sorted((name, cls) for name, cls in METHOD_SETTINGS.items()))
+    if key not in _SCHEMAS:
+        fields = [(name, cls, field(default_factory=cls)) for name, cls in key]
+        _SCHEMAS[key] = dataclasses.make_dataclass("Config", fields, bases=(Config,))
+        _SCHEMAS[key].__module__ = __name__
+    return _SCHEMAS[key]
+
+
+def import_plugins(plugins) -> None:
+    """Import modules (`my_pkg.my_method`) or files (`path/to/method.py`) that register methods."""
+    import importlib
+    import importlib.util
+    import sys
+
+    for plugin in plugins or ():
+        plugin = str(plugin)
+        if plugin.endswith(".py"):
+            path = Path(plugin).resolve()
+            name = f"advcl_plugin_{path.stem}_{abs(hash(str(path))) % 10**8}"
+            if name in sys.modules:
+                continue
+            if not path.is_file():
+                raise ConfigError(f"config key 'train.plugins': file {plugin} does not exist")
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        else:
+            try:
+                importlib.import_module(plugin)
+            except ModuleNotFoundError as e:
+                raise ConfigError(f"config key 'train.plugins': cannot import {plugin!r} ({e}); give a module on "
+                                  "the Python path or a .py file") from None
 
 
 def _merge(base, other, source: str):
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as e:
+        if e.full_key in MOVED:
+            raise ConfigError(f"config key '{e.full_key}' in {source} is now '{MOVED[e.full_key]}' (the method's "
+                              "own section); rename it") from None
         parent = e.full_key.rsplit(".", 1)[0] if "." in e.full_key else ""
         node = OmegaConf.select(base, parent) if parent else base
         valid = ", ".join(sorted(node.keys())) if node is not None and hasattr(node, "keys") else "?"
@@ -191,13 +262,34 @@ def _merge(base, other, source: str):
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults ← YAML preset ← `key=value` overrides, validated; returns a `Config`."""
-    cfg = OmegaConf.structured(Config)
+    preset = None
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; presets live in configs/ (e.g. configs/demo.yaml)")
-        cfg = _merge(cfg, OmegaConf.load(path), f"config file {path}")
+        preset = OmegaConf.load(path)
+    _import_plugins_named(preset, overrides)
+    cfg = OmegaConf.structured(schema())
+    if preset is not None:
+        cfg = _merge(cfg, preset, f"config file {path}")
     return _apply_overrides(cfg, overrides)
+
+
+def config_from_yaml(text: str) -> Config:
+    """A config from its resolved YAML (`to_yaml`), e.g. a run's config.yaml or a pickled config."""
+    node = OmegaConf.create(text)
+    _import_plugins_named(node, ())
+    return _apply_overrides(_merge(OmegaConf.structured(schema()), node, "resolved config"), ())
+
+
+def _import_plugins_named(preset, overrides) -> None:
+    """`train.plugins` of the preset and the overrides, imported before the schema is built."""
+    plugins = list(OmegaConf.select(preset, "train.plugins", default=None) or []) if preset is not None else []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "train.plugins":
+            plugins = list(OmegaConf.from_dotlist([item]).train.plugins or [])
+    import_plugins(plugins)
 
 
 def with_overrides(cfg: Config, values: dict[str, object], source: str = "overrides") -> Config:
@@ -258,6 +350,10 @@ def validate(cfg: Config) -> None:
     need(a.eps >= 0 and a.step_size >= 0 and min(a.steps, a.supervised_steps, a.eval_steps) >= 0, "attack",
          "eps, step_size and the step counts must be >= 0")
     need(0 < cfg.views.crop_scale_min <= 1, "views.crop_scale_min", "must be in (0, 1]")
+    for name in METHOD_SETTINGS:
+        section = getattr(cfg, name, None)
+        if hasattr(section, "check"):
+            section.check(lambda ok, key, msg, name=name: need(ok, f"{name}.{key}", msg))
     need(all(k >= 2 for k in cfg.pseudo.ks), "pseudo.ks", "every K must be >= 2")
     need(cfg.pseudo.init in KMEANS_INITS, "pseudo.init", f"{cfg.pseudo.init!r} is not one of {list(KMEANS_INITS)}")
     need(cfg.pseudo.pca is None or cfg.pseudo.pca > 0, "pseudo.pca", "must be > 0 (or null for no PCA)")
@@ -270,8 +366,12 @@ def validate(cfg: Config) -> None:
     need(cfg.eval.aa_n is None or cfg.eval.aa_n > 0, "eval.aa_n", "must be > 0 (or null for the whole test set)")
     for mode in cfg.pipeline.finetune:
         need(mode in FINETUNE_MODES, "pipeline.finetune", f"{mode!r} is not one of {list(FINETUNE_MODES)}")
-    for name in cfg.pipeline.baselines:
-        need(name in BASELINES, "pipeline.baselines", f"{name!r} is not one of {list(BASELINES)}")
+    for name in [*cfg.pipeline.baselines, cfg.pipeline.fpre_method]:
+        need(name in METHODS, "pipeline.baselines" if name != cfg.pipeline.fpre_method else "pipeline.fpre_method",
+             f"{name!r} is not a registered method ({sorted(METHODS)})")
+    for stage in ("pretrain", "cluster", "finetune", "evaluate"):
+        nodes = getattr(cfg.launch, f"{stage}_nodes")
+        need(nodes is None or nodes > 0, f"launch.{stage}_nodes", "must be > 0 (or null for --nodes)")
     if cfg.pseudo.labels is not None:
         need(Path(cfg.pseudo.labels).is_file(), "pseudo.labels",
              f"file {cfg.pseudo.labels} does not exist; run the clustering stage or set pseudo.labels=null")

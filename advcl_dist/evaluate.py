@@ -1,9 +1,11 @@
 """Evaluation of a finetuned classifier: SA, RA (PGD-20) and AA (AutoAttack "standard"); results.json.
 
-Every number is measured on the test split of the finetuning dataset, once, at the end: there
-is no selection on the test set. AutoAttack may be restricted to the first `eval.aa_n` test
-images (it is slow); SA and RA on that same subset are recorded beside it, so AA ≤ RA ≤ SA can
-be checked on identical images.
+Every number is measured on the test split of the finetuning dataset, once, at the end: there is no
+selection on the test set. The work is sharded over every rank of the launch in fixed blocks
+(eval_blocks.py), each finished block cached in the run folder, so `results.json` is the same on any
+number of ranks and a requeued evaluation skips what is done. AutoAttack may be restricted to the
+first `eval.aa_n` test images (it is slow); SA and RA on that same subset are recorded beside it, so
+AA ≤ RA ≤ SA can be checked on identical images. Per-image flags go to `flags.npz`.
 """
 from __future__ import annotations
 
@@ -12,15 +14,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .attacks import pgd
-from .config import Config, ConfigError
-from .data import get_dataset, ordered_batches
-from .distributed import pick_device
-from .engine.checkpoint import load_checkpoint, write_json
+from .config import Config, ConfigError, to_yaml
+from .data.source import finetune_data, image_source
+from .distributed import DistInfo, distributed_session
+from .engine.checkpoint import load_checkpoint
+from .engine.preemption import StopRequest
+from .eval_blocks import CACHE, EvaluationStopped, FlagCache, file_sha256, sharded_flags
 from .models import BACKBONES, Classifier
+from .rng import StepRandom, step_seed
+from .run_folder import RunFolder, save_array, write_json
 
 RESULTS = "results.json"
 
@@ -37,42 +44,46 @@ def _read_classifier(path: str | Path, device) -> tuple[Classifier, dict]:
                           "must be finetuned first: tools/finetune.py finetune.checkpoint=<it>")
     meta = state["classifier"]
     if not state.get("finished", False):
-        print(f"[evaluate] warning: {path} is from an unfinished finetuning run (epoch {state.get('epoch')})",
+        print(f"[evaluate] warning: {path} is from an unfinished finetuning run (step {state.get('step')})",
               file=sys.stderr, flush=True)
     encoder = BACKBONES[meta["arch"]](meta["width"], tuple(meta["branches"]))
     model = Classifier(encoder, meta["num_classes"], meta["branch"])
-    model.load_state_dict(state["model"])
+    # With a validation split the served weights are the best epoch's, kept in the objective's state.
+    weights = state["objective"]["best"]["model"] if state.get("selected") else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ConfigError(f"{path}: its weights do not fit the network it describes ({meta['arch']}, width "
+                          f"{meta['width']}): {str(e).splitlines()[0]}; the file is damaged or not ours") from None
     return model.to(device).eval(), state
 
 
-def correct_flags(model: torch.nn.Module, dataset, eps: float, step_size: float, steps: int, batch_size: int,
-                  image_size: int, seed: int, keep: int = 0):
-    """Per-image clean and PGD correctness over `dataset` in index order, and its first `keep` images."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    clean, robust, kept_x, kept_y = [], [], [], []
-    for x, y in ordered_batches(dataset, batch_size, image_size, device):
+def percent(flags) -> float:
+    flags = np.asarray(flags)
+    return round(100.0 * float(flags.mean()), 2) if flags.size else float("nan")
+
+
+def pgd_block(model, eps: float, step_size: float, steps: int, seed: int):
+    """Clean and PGD correctness of a block; the random start of an image comes from (seed, its index)."""
+    def run(x, y, block_indices, start):
+        random = StepRandom(x.device, seed).keyed(block_indices)
         with torch.no_grad():
-            clean.append(model(x).argmax(1) == y)
-        x_adv = pgd(lambda z, y=y: F.cross_entropy(model(z), y), x, eps, step_size, steps, True, generator).x_adv
+            clean = model(x).argmax(1) == y
+        x_adv = pgd(lambda z: F.cross_entropy(model(z), y), x, eps, step_size, steps, True, random).x_adv
         with torch.no_grad():
-            robust.append(model(x_adv).argmax(1) == y)
-        if sum(len(t) for t in kept_y) < keep:
-            kept_x.append(x)
-            kept_y.append(y)
-    x_keep = torch.cat(kept_x)[:keep] if kept_x else None
-    y_keep = torch.cat(kept_y)[:keep] if kept_y else None
-    return torch.cat(clean).cpu(), torch.cat(robust).cpu(), x_keep, y_keep
+            robust = model(x_adv).argmax(1) == y
+        return torch.stack([clean, robust])
+
+    return run
 
 
-def percent(flags: torch.Tensor) -> float:
-    return round(100.0 * flags.float().mean().item(), 2)
-
-
-def robust_accuracy(model, dataset, eps, step_size, steps, batch_size, image_size, seed) -> dict[str, float]:
-    """{"SA", "RA"} in percent over `dataset`."""
-    clean, robust, _, _ = correct_flags(model, dataset, eps, step_size, steps, batch_size, image_size, seed)
-    return {"SA": percent(clean), "RA": percent(robust)}
+def robust_accuracy(model, source, indices, eps, step_size, steps, batch_size, image_size, seed,
+                    dist_info: DistInfo) -> dict[str, float]:
+    """{"SA", "RA"} in percent over the images `indices` of `source`, sharded over the ranks; the same on
+    every rank."""
+    flags = sharded_flags("pgd", pgd_block(model, eps, step_size, steps, seed), 2, source, indices,
+                          batch_size, image_size, dist_info, log=lambda _: None)
+    return {"SA": percent(flags[0]), "RA": percent(flags[1])}
 
 
 def autoattack_flags(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int,
@@ -96,41 +107,81 @@ def autoattack_flags(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, e
         return torch.cat([model(chunk).argmax(1) for chunk in x_adv.split(batch_size)]).eq(y).cpu()
 
 
-def evaluate(cfg: Config, checkpoint: str | Path | None = None) -> dict:
-    """Evaluate the classifier (`checkpoint`, `eval.checkpoint` or <out_dir>/classifier.pt); write results.json."""
+def autoattack_block(model, eps: float, seed: int):
+    """AutoAttack on one block, seeded by (seed, the block's first position): independent of the sharding."""
+    def run(x, y, block_indices, start):
+        return autoattack_flags(model, x, y, eps, len(x), step_seed(seed, start, 2) % 2**31)[None]
+
+    return run
+
+
+def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopRequest | None = None,
+             record_run: bool = True) -> dict | None:
+    """Evaluate the classifier (`checkpoint`, `eval.checkpoint` or <out_dir>/classifier.pt) on every rank of
+    the launch; rank 0 writes results.json. Returns the results (None when stopped by the launcher)."""
     e, a, out = cfg.eval, cfg.attack, Path(cfg.out_dir)
     path = Path(checkpoint or e.checkpoint or out / "classifier.pt")
     if not path.is_file():
         raise FileNotFoundError(f"classifier {path} does not exist; finetune first (tools/finetune.py) "
                                 "or set eval.checkpoint")
-    device = pick_device(cfg.train.device)
-    model, state = _read_classifier(path, device)
-    meta = state["classifier"]
-    root = cfg.finetune.root if cfg.finetune.root is not None else cfg.data.root
-    test = get_dataset(meta["dataset"], "test", root, cfg.data.download)
-    n = len(test)
-    aa_n = min(e.aa_n or n, n) if e.autoattack else 0
-    print(f"[evaluate] {meta['method']} + {meta['finetune'].upper()} on {meta['dataset']} test ({n} images): "
-          f"SA, RA (PGD-{a.eval_steps}, ε={a.eps * 255:.3g}/255)" + (f", AA on {aa_n}" if aa_n else ""), flush=True)
-    t0 = time.perf_counter()
-    clean, robust, x_aa, y_aa = correct_flags(model, test, a.eps, a.step_size, a.eval_steps, e.batch_size,
-                                              meta["image_size"], e.seed, keep=aa_n)
-    results = {"dataset": meta["dataset"], "method": meta["method"], "finetune": meta["finetune"],
-               "SA": percent(clean), "RA": percent(robust), "AA": None, "n_test": n,
-               "attack": {"norm": "Linf", "eps": a.eps, "eps_255": round(a.eps * 255, 4), "step_size": a.step_size,
-                          "pgd_steps": a.eval_steps, "random_start": True, "autoattack": "standard" if aa_n else None,
-                          "aa_n": aa_n or None},
-               "checkpoint": str(path.resolve()), "pretrained": meta["pretrained"],
-               "epoch": state.get("selected_epoch", state.get("epoch")),
-               "selected_by": "val_RA" if state.get("best") else "last_epoch"}
-    if aa_n:
-        aa = autoattack_flags(model, x_aa, y_aa, a.eps, e.batch_size, e.seed)
-        results["AA"] = percent(aa)
-        results["aa_subset"] = {"n": aa_n, "SA": percent(clean[:aa_n]), "RA": percent(robust[:aa_n]),
-                                "AA": percent(aa)}
-    results["seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(results, out / RESULTS)
-    print(f"[evaluate] SA {results['SA']:.2f}  RA {results['RA']:.2f}  AA "
-          + ("skipped" if results["AA"] is None else f"{results['AA']:.2f} (first {aa_n})") + f" → {out / RESULTS}",
-          flush=True)
-    return results
+    with distributed_session(cfg.train.device) as info:
+        def log(message: str) -> None:
+            if info.is_main:
+                print(f"[evaluate] {message}", flush=True)
+
+        model, state = _read_classifier(path, info.device)
+        meta = state["classifier"]
+        data = finetune_data(cfg, "test", e.beton)
+        source = image_source(data)
+        n = len(source)
+        aa_n = min(e.aa_n or n, n) if e.autoattack else 0
+        run = RunFolder(out, "evaluate", info) if record_run else None
+        if run is not None:
+            run.start(to_yaml(cfg), {"restart": True} if (out / CACHE).is_dir() else None)
+        log(f"{meta['method']} + {meta['finetune'].upper()} on {meta['dataset']} test ({n} images) on "
+            f"{info.world_size} rank(s): SA, RA (PGD-{a.eval_steps}, ε={a.eps * 255:.3g}/255)"
+            + (f", AA on the first {aa_n}" if aa_n else ""))
+        key = {"classifier": str(path.resolve()), "sha256": file_sha256(path), "dataset": meta["dataset"],
+               "split": "test", "n": n, "beton": e.beton, "image_size": meta["image_size"], "eps": a.eps,
+               "step_size": a.step_size, "pgd_steps": a.eval_steps, "seed": e.seed, "block": e.batch_size}
+        cache = FlagCache(out / CACHE, key, info, log)
+        t0 = time.perf_counter()
+        common = dict(source=source, block_size=e.batch_size, image_size=meta["image_size"], dist_info=info,
+                      cache=cache, stop=stop, log=log)
+        try:
+            sa_ra = sharded_flags(f"pgd{a.eval_steps}", pgd_block(model, a.eps, a.step_size, a.eval_steps, e.seed),
+                                  2, indices=range(n), **common)
+            aa = None
+            if aa_n:
+                aa = sharded_flags("autoattack", autoattack_block(model, a.eps, e.seed), 1,
+                                   indices=range(aa_n), **common)[0]
+        except EvaluationStopped:
+            log("stopped on the launcher's signal; finished blocks are cached, the requeued job resumes there")
+            if run is not None:
+                run.finish(False, stopped_by_signal=True)
+            return None
+        clean, robust = sa_ra
+        results = {"dataset": meta["dataset"], "method": meta["method"], "finetune": meta["finetune"],
+                   "SA": percent(clean), "RA": percent(robust), "AA": None, "n_test": n,
+                   "attack": {"norm": "Linf", "eps": a.eps, "eps_255": round(a.eps * 255, 4), "step_size": a.step_size,
+                              "pgd_steps": a.eval_steps, "random_start": True,
+                              "autoattack": "standard" if aa_n else None, "aa_n": aa_n or None},
+                   "checkpoint": str(path.resolve()), "pretrained": meta["pretrained"],
+                   "epoch": (state.get("selected") or {}).get("epoch", state.get("epoch")),
+                   "selected_by": "val_RA" if state.get("selected") else "last_epoch",
+                   "world_size": info.world_size}
+        if aa is not None:
+            results["AA"] = percent(aa)
+            results["aa_subset"] = {"n": aa_n, "SA": percent(clean[:aa_n]), "RA": percent(robust[:aa_n]),
+                                    "AA": percent(aa)}
+        results["seconds"] = round(time.perf_counter() - t0, 1)
+        if info.is_main:
+            save_array({"index": np.arange(n), "clean": clean.astype(bool), "robust": robust.astype(bool),
+                        "autoattack": (aa if aa is not None else np.zeros(0, np.uint8)).astype(bool)},
+                       out / "flags.npz")
+            write_json(results, out / RESULTS)
+        if run is not None:
+            run.finish(True)
+        log(f"SA {results['SA']:.2f}  RA {results['RA']:.2f}  AA "
+            + ("skipped" if results["AA"] is None else f"{results['AA']:.2f} (first {aa_n})") + f" → {out / RESULTS}")
+        return results

@@ -1,18 +1,19 @@
-"""The whole AdvCL pipeline in one process: f_pre → pseudo-labels → AdvCL → finetune + evaluate.
+"""The whole pipeline: f_pre → pseudo-labels → the method and its baselines → finetune + evaluate.
 
-Stages, each in its own folder under `out_dir`:
-  simclr          SimCLR pretraining: f_pre for the clustering, and the SimCLR baseline
-  cluster         ensemble k-means pseudo-labels from f_pre features
-  advcl           AdvCL pretraining with those pseudo-labels
-  supervised_at   the supervised adversarial-training baseline (when listed in pipeline.baselines)
+The stages are planned from what each method declares (`Method.needs`), not from method names:
+  <fpre_method>   pretraining of f_pre (`pipeline.fpre_method`, SimCLR) when a method needs pseudo-labels
+                  and `pseudo.fpre` is not given; also a baseline when listed in pipeline.baselines
+  cluster         ensemble k-means pseudo-labels from f_pre features (unless `pseudo.labels` is given)
+  <method>        pretraining of `train.method` and of every `pipeline.baselines` entry, each with the
+                  pseudo-labels when it needs them
   <method>-<mode> finetuning (pipeline.finetune: slf / alf / aff) + evaluation → results.json
-A stage whose outputs say it finished is skipped (and the log says so); a stage that failed
-or was interrupted runs again, resuming from its own checkpoint. The table of every
+A stage whose outputs say it finished is skipped (and the log says so); a stage that failed or was
+interrupted runs again, resuming from its own checkpoint. Every stage runs on every rank of the launch
+(`torchrun ... tools/pipeline.py`; tools/submit.py sends each stage as its own job). The table of every
 results.json goes to summary.md and summary.json.
 """
 from __future__ import annotations
 
-import json
 import time
 import traceback
 from collections.abc import Callable
@@ -21,12 +22,14 @@ from pathlib import Path
 
 from .cluster import CLUSTERS, PSEUDO_LABELS, cluster
 from .config import Config, to_yaml, with_overrides
+from .distributed import distributed_session
 from .engine import CHECKPOINT, pretrain
-from .engine.checkpoint import write_json, write_text
-from .engine.run_info import now
-from .engine.trainer import changed_keys
+from .engine.preemption import StopRequest
 from .evaluate import RESULTS
 from .finetune import finetune
+from .methods import METHODS
+from .provenance import now
+from .run_folder import changed_keys, is_finished, read_json, write_json, write_text
 
 
 @dataclass
@@ -34,10 +37,11 @@ class Stage:
     name: str
     base: Config
     values: dict  # dotted keys that turn the pipeline config into this stage's config
-    run: Callable[[Config], object]
+    run: Callable[..., object]  # run(cfg, stop=None), on every rank of the launch
     done_when: str  # "finished" (run.json says so) or a file whose presence means done
     needs: tuple[str, ...] = ()  # stages whose outputs this one reads (SLURM chains them with afterok)
-    multi_rank: bool = False  # runs on every rank of a launch (pretraining, clustering), else on one process
+    kind: str = "pretrain"  # pretrain | cluster | finetune | evaluate | summary: resources per kind (launch.*)
+    graceful: bool = True  # polls the stop request (else a launcher requeues it at once)
 
     @property
     def folder(self) -> Path:
@@ -51,77 +55,97 @@ class Stage:
 
     def is_done(self) -> bool:
         if self.done_when == "finished":
-            path = self.folder / "run.json"
-            return path.is_file() and json.loads(path.read_text()).get("finished") is True
+            return is_finished(self.folder)
         return (self.folder / self.done_when).is_file()
 
 
 def plan_stages(cfg: Config) -> list[Stage]:
     """The stages `cfg` asks for, in the order they must run."""
     root, p = Path(cfg.out_dir), cfg.pipeline
+    methods = list(dict.fromkeys([cfg.train.method, *p.baselines]))
     stages: list[Stage] = []
 
     def pretrain_stage(method: str, needs: tuple[str, ...] = (), **extra) -> None:
         values = {"train.method": method, "out_dir": str(root / method), "pseudo.labels": None, **extra}
-        stages.append(Stage(method, cfg, values, pretrain, "finished", needs, multi_rank=True))
+        stages.append(Stage(method, cfg, values, pretrain, "finished", needs))
 
-    fpre, fpre_needs = cfg.pseudo.fpre, ()
-    if fpre is None or "simclr" in p.baselines:
-        pretrain_stage("simclr")
-        if fpre is None:
-            fpre, fpre_needs = str(root / "simclr" / CHECKPOINT), ("simclr",)
     labels, label_needs = cfg.pseudo.labels, ()
-    if labels is None:
-        stages.append(Stage("cluster", cfg, {"out_dir": str(root / "cluster"), "pseudo.fpre": fpre}, cluster, CLUSTERS,
-                            fpre_needs, multi_rank=True))
+    if labels is None and any("pseudo_labels" in METHODS[m].needs for m in methods):
+        fpre, fpre_needs = cfg.pseudo.fpre, ()
+        if fpre is None:
+            pretrain_stage(p.fpre_method)
+            fpre, fpre_needs = str(root / p.fpre_method / CHECKPOINT), (p.fpre_method,)
+        stages.append(Stage("cluster", cfg, {"out_dir": str(root / "cluster"), "pseudo.fpre": fpre}, cluster,
+                            CLUSTERS, fpre_needs, kind="cluster", graceful=False))
         labels, label_needs = str(root / "cluster" / PSEUDO_LABELS), ("cluster",)
-    pretrain_stage("advcl", label_needs, **{"pseudo.labels": labels})
-    if "supervised_at" in p.baselines:
-        pretrain_stage("supervised_at")
-    for method in ["advcl", *p.baselines]:
+    for method in methods:
+        if any(s.name == method for s in stages):
+            continue
+        if "pseudo_labels" in METHODS[method].needs:
+            pretrain_stage(method, label_needs, **{"pseudo.labels": labels})
+        else:
+            pretrain_stage(method)
+    for method in methods:
         for mode in p.finetune:
             values = {"out_dir": str(root / f"{method}-{mode}"), "finetune.mode": mode,
                       "finetune.checkpoint": str(root / method / CHECKPOINT)}
-            stages.append(Stage(f"{method}-{mode}", cfg, values, finetune, RESULTS, (method,)))
+            stages.append(Stage(f"{method}-{mode}", cfg, values, finetune, RESULTS, (method,), kind="finetune"))
     return stages
 
 
-def run_pipeline(cfg: Config) -> list[dict]:
-    """Run every stage not yet finished, then write and return the summary rows."""
+def run_pipeline(cfg: Config, stop: StopRequest | None = None) -> list[dict] | None:
+    """Run every stage not yet finished on every rank of the launch, then write and return the summary rows
+    (None when the launcher's stop request ended a stage early)."""
     root = Path(cfg.out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    write_text(to_yaml(cfg), root / "config.yaml")
     stages = plan_stages(cfg)
-    status_path = root / "pipeline.json"
-    status = json.loads(status_path.read_text()) if status_path.is_file() else {}
-    print(f"[pipeline] {len(stages)} stages → {root}: {', '.join(s.name for s in stages)}", flush=True)
-    for stage in stages:
-        entry = status.setdefault(stage.name, {})
-        if stage.is_done():
-            print(f"[pipeline] {stage.name}: already done ({stage.folder}); skipping", flush=True)
-            _warn_if_changed(stage)
-            entry["status"] = "done"
-            write_json(status, status_path)
-            continue
-        print(f"[pipeline] {stage.name}: running → {stage.folder}", flush=True)
-        entry.update(status="running", start=now(), end=None, error=None)
-        write_json(status, status_path)
-        t0 = time.perf_counter()
-        try:
-            stage.run(stage.cfg)
-        except BaseException as e:
-            entry.update(status="failed", end=now(), error=f"{type(e).__name__}: {e}",
-                         traceback=traceback.format_exc(limit=20))
-            write_json(status, status_path)
-            print(f"[pipeline] {stage.name}: FAILED ({type(e).__name__}: {e}); re-run the same command to retry it",
-                  flush=True)
-            raise
-        entry.update(status="done", end=now(), seconds=round(time.perf_counter() - t0, 1))
-        entry.pop("traceback", None)
-        write_json(status, status_path)
-    rows = [json.loads((s.folder / RESULTS).read_text()) for s in stages if s.done_when == RESULTS]
-    write_summary(rows, root)
-    return rows
+    with distributed_session(cfg.train.device) as info:
+        main = info.is_main
+        status_path = root / "pipeline.json"
+        status = read_json(status_path) or {}
+
+        def record() -> None:
+            if main:
+                write_json(status, status_path)
+
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            write_text(to_yaml(cfg), root / "config.yaml")
+            print(f"[pipeline] {len(stages)} stages → {root}: {', '.join(s.name for s in stages)}", flush=True)
+        for stage in stages:
+            entry = status.setdefault(stage.name, {})
+            if stage.is_done():
+                if main:
+                    print(f"[pipeline] {stage.name}: already done ({stage.folder}); skipping", flush=True)
+                    _warn_if_changed(stage)
+                entry["status"] = "done"
+                record()
+                continue
+            if main:
+                print(f"[pipeline] {stage.name}: running → {stage.folder}", flush=True)
+            entry.update(status="running", start=now(), end=None, error=None)
+            record()
+            t0 = time.perf_counter()
+            try:
+                stage.run(stage.cfg, stop=stop)
+            except BaseException as e:
+                entry.update(status="failed", end=now(), error=f"{type(e).__name__}: {e}",
+                             traceback=traceback.format_exc(limit=20))
+                record()
+                if main:
+                    print(f"[pipeline] {stage.name}: FAILED ({type(e).__name__}: {e}); re-run the same command "
+                          "to retry it", flush=True)
+                raise
+            if not stage.is_done():  # stopped early by the launcher's signal
+                entry.update(status="stopped", end=now())
+                record()
+                return None
+            entry.update(status="done", end=now(), seconds=round(time.perf_counter() - t0, 1))
+            entry.pop("traceback", None)
+            record()
+        rows = [read_json(s.folder / RESULTS) for s in stages if s.done_when == RESULTS]
+        if main:
+            write_summary(rows, root)
+        return rows
 
 
 def _warn_if_changed(stage: Stage) -> None:

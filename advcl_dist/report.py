@@ -10,8 +10,8 @@ import io
 import json
 from pathlib import Path
 
-from .engine.checkpoint import write_text
 from .evaluate import RESULTS
+from .run_folder import write_text
 
 METRICS = ("SA", "RA", "AA")
 

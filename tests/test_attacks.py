@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from advcl_dist.attacks import pgd
+from advcl_dist.rng import StepRandom
 
 
 def linear_classifier():
@@ -20,7 +21,7 @@ def test_pgd_stays_in_the_ball_and_the_image_range_and_raises_the_loss():
         return F.cross_entropy(model(xa), y)
 
     eps = 8 / 255
-    res = pgd(objective, x, eps=eps, step_size=2 / 255, steps=10, generator=torch.Generator().manual_seed(0))
+    res = pgd(objective, x, eps=eps, step_size=2 / 255, steps=10, generator=StepRandom("cpu", 0))
     assert (res.x_adv - x).abs().max() <= eps + 1e-6
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
     assert objective(res.x_adv) > objective(x) + 0.05
@@ -51,13 +52,13 @@ def test_pgd_perturbation_is_float32_under_autocast():
     assert (res.x_adv - x).abs().max() <= 8 / 255 + 1e-6
 
 
-def test_pgd_is_reproducible_with_a_generator():
+def test_pgd_is_reproducible_with_a_step_random():
     model = linear_classifier()
     x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 4, (4,))
 
     def run(seed):
         return pgd(lambda xa: F.cross_entropy(model(xa), y), x, 8 / 255, 2 / 255, 2,
-                   generator=torch.Generator().manual_seed(seed)).x_adv
+                   generator=StepRandom("cpu", seed)).x_adv
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))

@@ -14,10 +14,16 @@ from advcl_dist.data.augment import (
     simclr_view,
     to_float,
 )
+from advcl_dist.rng import StepRandom
 
 
 def _gen(seed: int) -> torch.Generator:
+    """For test data only: the augmentations draw from a StepRandom."""
     return torch.Generator().manual_seed(seed)
+
+
+def _random(seed: int) -> StepRandom:
+    return StepRandom("cpu", seed)
 
 
 def _images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -59,7 +65,7 @@ def test_resized_crop_matches_torchvision(height, width, size):
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40), (40, 24)])
 def test_boxes_are_valid_and_respect_scale_and_ratio(height, width):
     scale, ratio = (0.2, 1.0), (3 / 4, 4 / 3)
-    top, left, h, w = _sample_boxes(20000, height, width, _gen(2), scale, ratio)
+    top, left, h, w = _sample_boxes(20000, height, width, _random(2), scale, ratio)
     assert all(t.dtype == torch.int64 for t in (top, left, h, w))
     assert (h >= 1).all() and (w >= 1).all()
     assert (top >= 0).all() and (left >= 0).all()
@@ -82,7 +88,7 @@ def test_fallback_is_torchvision_central_crop(height, width):
     # A scale above 1 never fits, so every sample must take the fallback.
     scale, ratio = (2.0, 3.0), (3 / 4, 4 / 3)
     ref = RandomResizedCrop.get_params(torch.zeros(3, height, width), list(scale), list(ratio))
-    boxes = torch.stack(_sample_boxes(8, height, width, _gen(3), scale, ratio), dim=1)
+    boxes = torch.stack(_sample_boxes(8, height, width, _random(3), scale, ratio), dim=1)
     assert (boxes == torch.tensor(ref)).all()
 
 
@@ -93,7 +99,7 @@ def test_box_distribution_matches_torchvision():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         ref = torch.tensor([RandomResizedCrop.get_params(img, scale, ratio) for _ in range(n)])
-    ours = torch.stack(_sample_boxes(n, height, width, _gen(4), tuple(scale), tuple(ratio)), dim=1)
+    ours = torch.stack(_sample_boxes(n, height, width, _random(4), tuple(scale), tuple(ratio)), dim=1)
 
     def stats(boxes: torch.Tensor) -> torch.Tensor:
         i, j, h, w = boxes.double().unbind(1)
@@ -169,8 +175,8 @@ def test_grayscale_matches_torchvision():
 def test_crop_flip_view_matches_reference(height, width, size, padding):
     batch = 16
     images = _images(batch, height, width, seed=10)
-    out = crop_flip_view(images, _gen(11), size=size, padding=padding)
-    top, left, flip = _crop_flip_params(batch, height, width, _gen(11), size, padding, 0.5)
+    out = crop_flip_view(images, _random(11), size=size, padding=padding)
+    top, left, flip = _crop_flip_params(batch, height, width, _random(11), size, padding, 0.5)
     assert out.shape == (batch, 3, size, size) and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
     assert flip.any() and not flip.all()
@@ -196,7 +202,7 @@ def test_to_float():
 
 @pytest.mark.parametrize(("height", "size"), [(32, 32), (40, 32), (24, 32)])
 def test_simclr_view_shape_dtype_range(height, size):
-    out = simclr_view(_images(64, height, height), _gen(12), size=size)
+    out = simclr_view(_images(64, height, height), _random(12), size=size)
     assert out.shape == (64, 3, size, size) and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
 
@@ -204,23 +210,23 @@ def test_simclr_view_shape_dtype_range(height, size):
 def test_simclr_view_identity_settings_return_input():
     images = _images(4, 32, 32)
     out = simclr_view(
-        images, _gen(13), scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=0.0, gray_p=0.0, flip_p=0.0
+        images, _random(13), scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=0.0, gray_p=0.0, flip_p=0.0
     )
     # grid_sample's coordinate round trip costs a few 1e-6 even on the identity grid.
     torch.testing.assert_close(out, to_float(images), atol=1e-5, rtol=0)
-    gray = simclr_view(images, _gen(13), gray_p=1.0)
+    gray = simclr_view(images, _random(13), gray_p=1.0)
     assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
 
 
 def test_views_are_deterministic_and_per_sample():
     images = _images(1, 32, 32).expand(16, -1, -1, -1)
     for view in (simclr_view, crop_flip_view):
-        a, b = view(images, _gen(14)), view(images, _gen(14))
+        a, b = view(images, _random(14)), view(images, _random(14))
         assert torch.equal(a, b)
-        assert not torch.equal(a, view(images, _gen(15)))
+        assert not torch.equal(a, view(images, _random(15)))
         # Same image everywhere, so identical outputs would mean shared parameters.
         flat = a.flatten(1)
         same = (flat[:, None] == flat[None]).all(-1)
         assert same.sum() < 16 + 8, view.__name__
-    boxes = torch.stack(_sample_boxes(16, 32, 32, _gen(16)), dim=1)
+    boxes = torch.stack(_sample_boxes(16, 32, 32, _random(16)), dim=1)
     assert len({tuple(b) for b in boxes.tolist()}) > 12

@@ -13,6 +13,7 @@ from advcl_dist.bench.profile import count_costs
 from advcl_dist.bench.reference import reference_step
 from advcl_dist.bench.step import make_setup, make_step
 from advcl_dist.data.augment import to_float
+from advcl_dist.engine.objective import StepContext
 from advcl_dist.rng import StepRandom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +97,8 @@ def test_reference_step_loss_and_gradients_equal_ours():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: on a busy machine more threads only wait on each other
     try:
-        out = setup.method.training_step(ours_model, setup.images, setup.indices, StepRandom("cpu", 5).reseed(2))
+        out = setup.method.training_step(StepContext.of_batch(ours_model, setup.images, setup.indices,
+                                                              StepRandom("cpu", 5).reseed(2)))
         loss = reference_step(reference_model, setup.images, setup.pseudo, setup.cfg, StepRandom("cpu", 5).reseed(2))
         out.loss.backward()
         loss.backward()

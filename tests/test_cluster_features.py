@@ -12,7 +12,7 @@ from advcl_dist.cluster import extract_features
 from advcl_dist.cluster.features import load_fpre, pca, shard_features, shard_range
 from advcl_dist.config import Config, ConfigError, to_yaml
 from advcl_dist.distributed import distributed_session
-from advcl_dist.models import BACKBONES, build_model, set_plan
+from advcl_dist.models import BACKBONES, build_model
 
 
 class Images(Dataset):
@@ -132,11 +132,8 @@ def test_load_fpre_our_checkpoint_uses_the_normal_bn_branch(tmp_path):
     encoder, info = load_fpre(path, torch.device("cpu"))
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     net.encoder.eval()
-    set_plan(net.encoder, (("normal", 3),))
-    expected = net.encoder(x)
-    set_plan(net.encoder, (("pgd", 3),))
-    other_branch = net.encoder(x)
-    set_plan(net.encoder, None)
+    expected = net.encoder(x, (("normal", 3),))
+    other_branch = net.encoder(x, (("pgd", 3),))
     features = encoder(x)
     assert not encoder.training and features.shape == (3, 64)
     torch.testing.assert_close(features, expected)

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults_are_the_authors_cifar10_settings():
     cfg = load_config()
     assert cfg.attack.eps == pytest.approx(8 / 255) and cfg.attack.steps == 5
-    assert cfg.loss.temperature == 0.5 and cfg.loss.pseudo_weight == 0.2
+    assert cfg.loss.temperature == 0.5 and cfg.advcl.pseudo_weight == 0.2
     assert cfg.optim.lr == 0.5 and cfg.train.batch_size == 512 and cfg.train.epochs == 1000
     assert cfg.pseudo.ks == [2, 10, 50, 100, 500]
     assert (cfg.attack.supervised_steps, cfg.attack.eval_steps) == (10, 20)

@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from advcl_dist.config import load_config
+from advcl_dist.engine.objective import StepContext
 from advcl_dist.losses import multiview_nt_xent
 from advcl_dist.methods import METHODS, build_method
 from advcl_dist.methods.advcl import load_pseudo_labels
+from advcl_dist.rng import StepRandom
 from advcl_dist.views import high_frequency
 
 B = 8
@@ -26,9 +28,10 @@ def test_methods_are_registered_by_name():
     assert {"advcl", "simclr"} <= set(METHODS)
 
 
-def reference_attacks(model, x, t1, t2, x_h, pseudo, cfg, generator):
+def reference_attacks(model, x, t1, t2, x_h, pseudo, cfg, generator: StepRandom):
     """The authors' algorithm: two PGD loops one after the other; each step of the contrastive one
-    re-forwards every view separately (BN in train mode)."""
+    re-forwards every view separately (BN in train mode). The random starts are drawn in turn from
+    `generator`'s noise stream."""
     a = cfg.attack
 
     def contrastive(x_adv):
@@ -41,7 +44,7 @@ def reference_attacks(model, x, t1, t2, x_h, pseudo, cfg, generator):
 
     results = []
     for objective in (contrastive,) if pseudo is None else (contrastive, pseudo_ce):
-        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype)
+        noise = generator.noise(x.shape, x.dtype)
         x_adv = (x + (2 * noise - 1) * a.eps).clamp(0, 1)
         for _ in range(a.steps):
             x_adv.requires_grad_(True)
@@ -54,19 +57,19 @@ def reference_attacks(model, x, t1, t2, x_h, pseudo, cfg, generator):
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_attacks_with_clean_projections_computed_once_equal_the_authors_two_loops(tmp_path, fuse):
-    """δ and δ_ce, found together (attack.fuse: one forward of [x+δ; x+δ_ce] per step) or one after the other,
+    """δ and δ_ce, found together (advcl.fuse_attacks: one forward of [x+δ; x+δ_ce] per step) or one after the other,
     with the clean views projected once, equal the authors' two loops in float64; the BN branches' running
     statistics see the same batches."""
     labels = np.stack([np.arange(100) % 2, np.arange(100) % 3], axis=1).astype(np.int64)
     np.save(tmp_path / "pl.npy", labels)
-    cfg, method, model = method_and_model(f"pseudo.labels={tmp_path / 'pl.npy'}", f"attack.fuse={fuse}")
+    cfg, method, model = method_and_model(f"pseudo.labels={tmp_path / 'pl.npy'}", f"advcl.fuse_attacks={fuse}")
     reference_model = copy.deepcopy(model)
     x = torch.rand(B, 3, 32, 32, dtype=torch.float64)
     t1, t2 = torch.rand_like(x), torch.rand_like(x)
     x_h = high_frequency(x)
     pseudo = torch.as_tensor(labels[:B])
-    ours = method.attacks(model, x, torch.cat([t1, t2, x_h]), pseudo, torch.Generator().manual_seed(3))
-    x_con, x_ce = reference_attacks(reference_model, x, t1, t2, x_h, pseudo, cfg, torch.Generator().manual_seed(3))
+    ours = method.attacks(model, x, torch.cat([t1, t2, x_h]), pseudo, StepRandom("cpu", 3))
+    x_con, x_ce = reference_attacks(reference_model, x, t1, t2, x_h, pseudo, cfg, StepRandom("cpu", 3))
     assert ours.x_adv.shape == (2 * B, 3, 32, 32) and ours.initial_loss.shape == (2,)
     assert torch.allclose(ours.x_adv[:B], x_con, atol=1e-6) and torch.allclose(ours.x_adv[B:], x_ce, atol=1e-6)
     assert not torch.allclose(x_con, x_ce, atol=1e-3)  # two different attacks
@@ -82,8 +85,8 @@ def test_attack_without_pseudo_labels_is_the_contrastive_one_alone():
     x = torch.rand(B, 3, 32, 32, dtype=torch.float64)
     t1, t2 = torch.rand_like(x), torch.rand_like(x)
     x_h = high_frequency(x)
-    ours = method.attacks(model, x, torch.cat([t1, t2, x_h]), None, torch.Generator().manual_seed(3))
-    (reference,) = reference_attacks(copy.deepcopy(model), x, t1, t2, x_h, None, cfg, torch.Generator().manual_seed(3))
+    ours = method.attacks(model, x, torch.cat([t1, t2, x_h]), None, StepRandom("cpu", 3))
+    (reference,) = reference_attacks(copy.deepcopy(model), x, t1, t2, x_h, None, cfg, StepRandom("cpu", 3))
     assert ours.x_adv.shape == x.shape and ours.initial_loss.shape == ()
     assert torch.allclose(ours.x_adv, reference, atol=1e-6)
 
@@ -94,7 +97,7 @@ def test_advcl_step_with_pseudo_labels(tmp_path):
     cfg, method, model = method_and_model(f"pseudo.labels={tmp_path / 'pl.npy'}")
     model = model.float()
     images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)
-    out = method.training_step(model, images, torch.arange(B) * 7, torch.Generator().manual_seed(0))
+    out = method.training_step(StepContext.of_batch(model, images, torch.arange(B) * 7, StepRandom("cpu", 0)))
     m = out.metrics
     assert set(m) == {"loss", "loss_con", "loss_ce", "attack_gain"}
     assert out.loss.item() == pytest.approx(m["loss_con"].item() + 0.2 * m["loss_ce"].item(), rel=1e-5)
@@ -107,16 +110,18 @@ def test_advcl_step_with_pseudo_labels(tmp_path):
 def test_advcl_without_pseudo_labels_has_no_ce_term():
     cfg, method, model = method_and_model()
     assert len(model.pseudo_heads) == 0
-    out = method.training_step(model.float(), torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8),
-                               torch.arange(B), torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)
+    out = method.training_step(StepContext.of_batch(model.float(), images,
+                               torch.arange(B), StepRandom("cpu", 0)))
     assert "loss_ce" not in out.metrics and torch.isfinite(out.loss)
     assert out.metrics["attack_gain"] > 0  # the attack raised the contrastive loss
 
 
 def test_simclr_step_uses_two_views_and_only_the_normal_branch():
     cfg, method, model = method_and_model("train.method=simclr")
-    out = method.training_step(model.float(), torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8),
-                               torch.arange(B), torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)
+    out = method.training_step(StepContext.of_batch(model.float(), images,
+                               torch.arange(B), StepRandom("cpu", 0)))
     out.loss.backward()
     assert list(model.encoder.bn1.bns) == ["normal"]
     assert torch.isfinite(out.loss)
@@ -144,7 +149,7 @@ def test_advcl_step_under_bf16_autocast_keeps_fp32_loss_and_perturbation():
 
     method.attacks = spy
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = method.training_step(model, images, torch.arange(B), torch.Generator().manual_seed(0))
+        out = method.training_step(StepContext.of_batch(model, images, torch.arange(B), StepRandom("cpu", 0)))
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert seen["attack"].x_adv.dtype == torch.float32
     out.loss.backward()
@@ -159,14 +164,15 @@ def test_supervised_at_trains_a_classifier_on_pgd10_examples_of_the_true_labels(
     assert model.projector is None and [h.out_features for h in model.pseudo_heads] == [10]
     images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(B) % 10
-    out = method.training_step(model, images, torch.arange(B), torch.Generator().manual_seed(0), labels=labels)
+    out = method.training_step(StepContext.of_batch(model, images, torch.arange(B), StepRandom("cpu", 0),
+                                                    labels=labels))
     # Reference: the same crop and the same random start, then ten signed-gradient steps written out.
     from advcl_dist.data.augment import crop_flip_view
 
-    g = torch.Generator().manual_seed(0)
-    x = crop_flip_view(images, g, size=32, padding=4)
+    random = StepRandom("cpu", 0)  # replayed: the crop from its shared stream, the start from its noise
+    x = crop_flip_view(images, random, size=32, padding=4)
     a = cfg.attack
-    x_adv = (x + (2 * torch.rand(x.shape, generator=g, dtype=x.dtype) - 1) * a.eps).clamp(0, 1)
+    x_adv = (x + (2 * random.noise(x.shape, x.dtype) - 1) * a.eps).clamp(0, 1)
     for _ in range(10):
         x_adv.requires_grad_(True)
         loss = torch.nn.functional.cross_entropy(model(x_adv)["pseudo_logits"][0], labels)
@@ -176,8 +182,6 @@ def test_supervised_at_trains_a_classifier_on_pgd10_examples_of_the_true_labels(
     torch.testing.assert_close(out.loss, expected)
     clean = torch.nn.functional.cross_entropy(model(x)["pseudo_logits"][0], labels)
     assert out.loss > clean
-    with pytest.raises(ValueError, match="label"):
-        method.training_step(model, images, torch.arange(B), torch.Generator(), labels=None)
 
 
 def test_supervised_at_refuses_a_split_with_unlabelled_images_before_training():

@@ -2,8 +2,13 @@ import copy
 
 import pytest
 import torch
+import torchvision
 
-from advcl_dist.models import BranchBatchNorm, build_model, views_plan
+from advcl_dist.models import BRANCHES, BranchBatchNorm, Classifier, build_model, views_plan
+from advcl_dist.models.resnet import resnet50
+from advcl_dist.models.sync_bn import GlobalBatchNorm, convert_sync_batchnorm
+
+BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def small_model(**kw):
@@ -77,20 +82,123 @@ def test_branches_have_their_own_statistics():
 
 def test_plan_must_cover_the_batch_and_name_known_branches():
     bn = BranchBatchNorm(3)
-    bn.plan = (("normal", 2),)
-    bn.plan = (("normal", 2), ("pgd", 3))
     with pytest.raises(ValueError, match="covers 5 rows"):
-        bn(torch.rand(4, 3, 2, 2))
-    bn.plan = (("normal", 2), ("bogus", 2))
+        bn(torch.rand(4, 3, 2, 2), (("normal", 2), ("pgd", 3)))
     with pytest.raises(KeyError, match="bogus"):
-        bn(torch.rand(4, 3, 2, 2))
+        bn(torch.rand(4, 3, 2, 2), (("normal", 2), ("bogus", 2)))
 
 
-def test_plan_is_cleared_after_forward():
+def test_plan_is_an_argument_not_module_state():
     model = small_model()
     model(torch.rand(4, 3, 32, 32, dtype=torch.float64), (("pgd", 2), ("normal", 2)))
-    assert all(m.plan is None for m in model.modules() if isinstance(m, BranchBatchNorm))
-    copy.deepcopy(model)  # picklable state, no dangling plan
+    assert not any(hasattr(m, "plan") for m in model.modules())
+    copy.deepcopy(model)
+
+
+def test_a_forward_nested_inside_another_does_not_see_or_change_its_plan():
+    """A BN hook that runs another forward with another plan: both results equal their forwards alone."""
+    model, reference = small_model(), small_model()
+    x, y = torch.rand(4, 3, 32, 32, dtype=torch.float64), torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    outer_plan, inner_plan = (("pgd", 2), ("normal", 2)), (("pgd_ce", 3),)
+    expected_outer = reference(x, outer_plan)["proj"]  # train mode: outputs use batch statistics only
+    expected_inner = reference(y, inner_plan)["proj"]
+    inner, calls = [], []
+
+    def run_inner(*_):
+        calls.append(1)
+        if len(calls) == 1:  # the nested forward passes this BN too
+            inner.append(model(y, inner_plan)["proj"])
+
+    model.encoder.layers[2].bn1.register_forward_hook(run_inner)  # mid-network, before a shortcut BN
+    outer = model(x, outer_plan)["proj"]
+    assert len(inner) == 1
+    torch.testing.assert_close(outer, expected_outer)
+    torch.testing.assert_close(inner[0], expected_inner)
+
+
+def bn_keys(prefix: str, branches) -> list[str]:
+    return [f"{prefix}.bns.{b}.{leaf}" for b in branches for leaf in BN_STATE]
+
+
+def test_resnet18_state_dict_keys_are_unchanged():
+    """Checkpoints on disk name these keys: stem, `layers.<i>` blocks, (conv, BN) shortcuts as `shortcut.0/1`."""
+    branches = ("normal", "pgd")
+    expected = ["conv1.weight", *bn_keys("bn1", branches)]
+    for i in range(8):
+        block = f"layers.{i}"
+        expected += [f"{block}.conv1.weight", *bn_keys(f"{block}.bn1", branches),
+                     f"{block}.conv2.weight", *bn_keys(f"{block}.bn2", branches)]
+        if i in (2, 4, 6):  # first block of stages 2-4: stride 2, more channels
+            expected += [f"{block}.shortcut.0.weight", *bn_keys(f"{block}.shortcut.1", branches)]
+    encoder = build_model("resnet18", width=8, branches=branches).encoder
+    assert list(encoder.state_dict()) == expected
+    assert encoder.state_dict()["layers.2.shortcut.0.weight"].shape == (16, 8, 1, 1)
+
+
+def torchvision_keys_with_branches(branches) -> list[str]:
+    """torchvision's ResNet-50 keys (no fc) with each BatchNorm's entries under `bns.<branch>`."""
+    net = torchvision.models.resnet50(weights=None)
+    norms = {name for name, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    keys = []
+    for key in net.state_dict():
+        module, leaf = key.rsplit(".", 1)
+        if module not in norms:
+            keys += [] if module == "fc" else [key]
+        elif leaf == "weight":  # a BN's five entries become five per branch, branch after branch
+            keys += bn_keys(module, branches)
+    return keys
+
+
+def test_resnet50_state_dict_keys_are_torchvisions_with_branch_bn():
+    for branches in (BRANCHES, ("normal",)):
+        encoder = resnet50(branches)
+        assert list(encoder.state_dict()) == torchvision_keys_with_branches(branches)
+        assert encoder.feat_dim == 2048
+    keys = resnet50().state_dict()
+    assert "bn1.bns.pgd.weight" in keys and "layer1.0.downsample.1.bns.pgd_ce.running_var" in keys
+
+
+@torch.no_grad()
+def test_resnet50_forward_equals_torchvisions_on_its_weights():
+    """The hand-written walk of the blocks computes what torchvision's forward does (eval and train BN)."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50(weights=None)
+    reference.fc = torch.nn.Identity()
+    for m in reference.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+            m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+    state = reference.state_dict()
+    norms = {key.rsplit(".", 1)[0] for key in state if key.endswith(".running_mean")}
+    ours = resnet50(("normal",))
+    ours.load_state_dict({(f"{m}.bns.normal.{leaf}" if m in norms else key): value
+                          for key, value in state.items() for m, leaf in [key.rsplit(".", 1)]})
+    x = torch.rand(2, 3, 64, 64)
+    for train in (False, True):
+        torch.testing.assert_close(ours.train(train)(x, (("pgd", 2),)), reference.train(train)(x))
+
+
+def test_classifier_gives_each_view_its_own_statistics_on_its_branch():
+    torch.manual_seed(0)
+    encoder = build_model("resnet18", width=8).encoder.double()
+    model = Classifier(encoder, 10, branch="pgd")
+    a, b = torch.rand(3, 3, 32, 32, dtype=torch.float64), torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    both = model.features(torch.cat([a, b]), views=2)
+    torch.testing.assert_close(both, torch.cat([encoder(a, (("pgd", 3),)), encoder(b, (("pgd", 3),))]))
+    assert encoder.bn1.bns["pgd"].num_batches_tracked.item() == 4
+    assert encoder.bn1.bns["normal"].num_batches_tracked.item() == 0
+
+
+def test_global_batch_norm_sits_inside_the_branches_and_takes_the_plan():
+    """convert_sync_batchnorm swaps the BNs inside each BranchBatchNorm; alone it computes plain BN."""
+    fused, plain = small_model().float(), small_model().float()  # the conversion builds float32 BNs
+    fused = convert_sync_batchnorm(fused, torch.device("cpu"))
+    assert isinstance(fused.encoder.layers[2].shortcut[1].bns["pgd"], GlobalBatchNorm)
+    assert isinstance(fused.projector.bn.bns["shared"], GlobalBatchNorm)
+    x, plan = torch.rand(4, 3, 32, 32), (("pgd", 2), ("normal", 2))
+    torch.testing.assert_close(fused(x, plan)["proj"], plain(x, plan)["proj"])
+    for name, buffer in plain.named_buffers():  # each segment updated its own branch's statistics
+        torch.testing.assert_close(fused.get_buffer(name), buffer)
 
 
 def test_unknown_arch_names_the_key():

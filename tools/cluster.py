@@ -9,4 +9,4 @@ from advcl_dist.cli import run_stage
 from advcl_dist.cluster import cluster
 
 if __name__ == "__main__":
-    sys.exit(run_stage(cluster, __doc__, multi_rank=True))
+    sys.exit(run_stage(cluster, __doc__))

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Finetune a pretrained encoder (SLF / ALF / AFF), then evaluate it (SA, RA, AA) into results.json:
+"""Finetune a pretrained encoder (SLF / ALF / AFF), then evaluate it (SA, RA, AA) into results.json, on one
+process or on every rank of torchrun / srun (the global finetune.batch_size split over the ranks):
 python tools/finetune.py --config configs/demo.yaml finetune.checkpoint=runs/demo/advcl/checkpoint.pt \\
     finetune.mode=slf out_dir=runs/demo/my-slf [key=value ...]"""
 import sys

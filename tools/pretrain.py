@@ -8,4 +8,4 @@ from advcl_dist.cli import run_stage
 from advcl_dist.engine import pretrain
 
 if __name__ == "__main__":
-    sys.exit(run_stage(pretrain, __doc__, multi_rank=True))
+    sys.exit(run_stage(pretrain, __doc__))

@@ -26,6 +26,7 @@ from ..data.augment import crop_flip_view
 from ..data.datasets import ImageFolderDataset, TensorImageDataset
 from ..data.loader import build_loader
 from ..distributed import pick_device
+from ..methods.advcl import AdvCLSettings
 from ..methods.simclr import simclr_views
 from ..rng import StepRandom
 from ..views import high_frequency
@@ -140,7 +141,7 @@ def measure(loader, device: torch.device, size: int, warmup: int, batches: int, 
                 generator = random.reseed(step)
                 x = crop_flip_view(batch, generator, size=config.size, padding=config.padding)
                 simclr_views(batch, generator, config)  # t1, t2
-                high_frequency(x, config.hf_radius)  # x_h
+                high_frequency(x, AdvCLSettings().hf_radius)  # x_h
             step += 1
             images += len(batch) if step > warmup else 0
             if step in (warmup, end):

@@ -33,7 +33,7 @@ def reference_step(model: torch.nn.Module, images: torch.Tensor, pseudo_labels: 
     v, a, b = cfg.views, cfg.attack, images.shape[0]
     x = crop_flip_view(images, generator, size=v.size, padding=v.padding)
     t1, t2 = simclr_views(images, generator, v)
-    x_h = high_frequency(x, v.hf_radius)
+    x_h = high_frequency(x, cfg.advcl.hf_radius)
     # The authors' SupCon loss carries the factor temperature / base_temperature (Method.contrastive too).
     scale = cfg.loss.temperature / cfg.loss.base_temperature if cfg.loss.base_temperature else 1.0
 
@@ -47,4 +47,4 @@ def reference_step(model: torch.nn.Module, images: torch.Tensor, pseudo_labels: 
     x_adv = pgd(contrastive, x, a.eps, a.step_size, a.steps, a.random_start, generator).x_adv
     x_ce = pgd(pseudo_ce, x, a.eps, a.step_size, a.steps, a.random_start, generator).x_adv
     # The training loss, again one forward per view: x + δ (pgd), t1, t2, x_h (normal), x + δ_ce (pgd_ce).
-    return contrastive(x_adv) + cfg.loss.pseudo_weight * pseudo_ce(x_ce)
+    return contrastive(x_adv) + cfg.advcl.pseudo_weight * pseudo_ce(x_ce)

@@ -8,7 +8,7 @@ seed and SGD (lr 0.1, momentum 0.9); the weights change from step to step, which
                 views re-forwarded at every PGD step; fp32
   fp32          ours: AdvCL.training_step, one backward, SGD step
   bf16          ours under bf16 autocast, channels_last on CUDA: what the trainer runs on a GPU
-  bf16-unfused  bf16 with attack.fuse=false: the two attacks one after the other, not sharing a forward
+  bf16-unfused  bf16 with advcl.fuse_attacks=false: the two attacks one after the other, not sharing a forward
                 per PGD step (which saves passes and host time but copies at every BN layer)
   bf16-compile  bf16 with the model in torch.compile (--compile); an error is recorded, not raised
   supervised    the yardstick: one crop+flip view through the `normal` branch into a linear classifier,
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ..config import Config, load_config
 from ..data.augment import crop_flip_view
 from ..distributed import pick_device
+from ..engine.objective import StepContext
 from ..methods import Method, build_method
 from ..models import Classifier
 from ..rng import StepRandom
@@ -114,10 +115,11 @@ def make_step(mode: str, setup: Setup, seed: int) -> tuple[Callable[[int], torch
         method = setup.method
         if mode == "bf16-unfused":
             method = copy.copy(method)
-            method.cfg = replace(cfg, attack=replace(cfg.attack, fuse=False))
+            method.settings = replace(method.settings, fuse_attacks=False)
 
         def loss_of(i):
-            return method.training_step(net, setup.images, setup.indices, random.reseed(i)).loss
+            return method.training_step(StepContext.of_batch(net, setup.images, setup.indices, random.reseed(i),
+                                                             module=model)).loss
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
     def step(i: int) -> torch.Tensor:
@@ -263,7 +265,7 @@ def main(args) -> dict:
               "cudnn_benchmark": torch.backends.cudnn.benchmark,
               "args": {k: val for k, val in vars(args).items() if k != "bench"},
               "config": {"eps": a.eps, "step_size": a.step_size, "steps": a.steps, "ks": list(setup.cfg.pseudo.ks),
-                         "temperature": setup.cfg.loss.temperature, "pseudo_weight": setup.cfg.loss.pseudo_weight},
+                         "temperature": setup.cfg.loss.temperature, "pseudo_weight": setup.cfg.advcl.pseudo_weight},
               "modes": runs}
     report["derived"] = derived(runs, peak)
     profiled = profile_table(runs)

@@ -19,8 +19,8 @@ from torch import nn
 from ..config import ConfigError
 from ..data.loader import ordered_batches, subset
 from ..distributed import barrier, world_size
-from ..engine.checkpoint import load_checkpoint, load_encoder, save_array, write_json
-from ..models import set_plan
+from ..engine.checkpoint import load_checkpoint, load_encoder
+from ..run_folder import save_array, write_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision's ImageNet weights were trained on
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,11 +40,7 @@ class _NormalBranch(nn.Module):
         self.encoder = encoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        set_plan(self.encoder, (("normal", x.shape[0]),))
-        try:
-            return self.encoder(x)
-        finally:
-            set_plan(self.encoder, None)
+        return self.encoder(x, (("normal", x.shape[0]),))
 
 
 class _ImageNetNormalised(nn.Module):

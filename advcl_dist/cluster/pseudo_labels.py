@@ -15,9 +15,9 @@ import torch
 
 from ..config import Config, ConfigError, to_yaml
 from ..data.source import data_format, image_source
-from ..distributed import barrier, distributed_session, gather_shards, node_names
-from ..engine.checkpoint import save_array, write_json, write_text
-from ..engine.run_info import now, run_info
+from ..distributed import barrier, distributed_session, gather_shards
+from ..engine.preemption import StopRequest
+from ..run_folder import RUN, RunFolder, save_array, write_json
 from .features import load_fpre, pca, shard_features
 from .kmeans import fit_kmeans
 
@@ -44,8 +44,10 @@ def ensemble_kmeans(x: torch.Tensor, ks, iters: int, seed: int, init: str = "kme
     return labels, centroids, stats
 
 
-def cluster(cfg: Config) -> Path:
-    """Features of f_pre (`pseudo.fpre`) on the training set → ensemble k-means → files in out_dir."""
+def cluster(cfg: Config, stop: StopRequest | None = None) -> Path:
+    """Features of f_pre (`pseudo.fpre`) on the training set → ensemble k-means → files in out_dir.
+
+    A launcher's stop request is not polled: a requeued job restarts from the feature cache."""
     p, out = cfg.pseudo, Path(cfg.out_dir)
     if p.fpre is None:
         raise ConfigError("pseudo.fpre is not set; point it at the f_pre checkpoint.pt (e.g. a SimCLR run) "
@@ -62,10 +64,8 @@ def cluster(cfg: Config) -> Path:
             if info.is_main:
                 print(f"[cluster] {msg}", flush=True)
 
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text(to_yaml(cfg), out / "config.yaml")
-        run = run_info(info.world_size, node_names(), info.device)
+        run = RunFolder(out, "cluster", info)
+        run.start(to_yaml(cfg), {"restart": True} if (out / RUN).is_file() else None)
         log(f"f_pre {p.fpre} ({fpre.get('method') or fpre['kind']}) on {cfg.data.name}/{cfg.data.split}: "
             f"{len(dataset)} images over {info.world_size} rank(s), K = {list(p.ks)} → {out}")
         # The cache key says which features the shards hold; K, iterations and PCA may change freely.
@@ -90,7 +90,6 @@ def cluster(cfg: Config) -> Path:
                         "ks": list(p.ks), "iters": p.iters, "init": p.init, "seed": cfg.train.seed,
                         "pca": p.pca, "feature_dim": int(features.shape[1]), "world_size": info.world_size,
                         "clusters": stats}, out / CLUSTERS)
-            run.update(end=now(), finished=True)
-            write_json(run, out / "run.json")
+        run.finish()
         barrier()
     return out

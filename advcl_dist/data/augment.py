@@ -1,7 +1,7 @@
 """Batched, per-sample random augmentations on the device, with torchvision's semantics.
 
-Each sample draws its own parameters from one `torch.Generator` on the batch's device (or a
-`rng.StepRandom`, which makes them independent of the number of ranks), so views are reproducible
+Each sample draws its own parameters from a `rng.StepRandom` on the batch's device (which makes them
+independent of the number of ranks), so views are reproducible
 and resumable, and nothing here syncs with the host (no `.item()`, no boolean indexing).
 Own implementation rather than kornia 0.9: on CPU (B=256, 32x32, 1 thread) kornia's equivalent pipeline
 was no faster (~39 ms vs ~39 ms here) and draws one jitter order per batch, not torchvision's per sample.
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from advcl_dist.rng import StepRandom, uniform
 
-RandomSource = torch.Generator | StepRandom
+RandomSource = StepRandom
 
 __all__ = ["crop_flip_view", "simclr_view", "to_float"]
 

@@ -73,7 +73,7 @@ def write_beton(
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    from ..engine.checkpoint import write_json
+    from ..run_folder import write_json
 
     if write_mode not in WRITE_MODES:
         raise ValueError(f"write_mode must be one of {', '.join(WRITE_MODES)}, got {write_mode!r}")

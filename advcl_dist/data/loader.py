@@ -16,16 +16,22 @@ from advcl_dist.data.augment import to_float
 
 
 class IndexedDataset(Dataset):
-    """Yields ``(image uint8 [3,S,S], label, index)``; the index lets callers key per-sample state."""
+    """Yields ``(image uint8 [3,S,S], label, index)``; the index lets callers key per-sample state.
 
-    def __init__(self, dataset: Dataset, image_size: int | None = None):
+    With ``indices`` only those samples are read (position i is dataset index ``indices[i]``), and the
+    index yielded is still the dataset's.
+    """
+
+    def __init__(self, dataset: Dataset, image_size: int | None = None, indices=None):
         self.dataset = dataset
         self.image_size = image_size
+        self.indices = None if indices is None else [int(i) for i in indices]
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) if self.indices is None else len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int, int]:
+        index = position if self.indices is None else self.indices[position]
         image, label = self.dataset[index]
         if self.image_size is not None:
             image = resize_center_crop(image, self.image_size)
@@ -157,18 +163,21 @@ def build_loader(
     world_size: int = 1,
     image_size: int | None = None,
     pin_memory: bool | None = None,
+    indices=None,
 ) -> Loader:
-    """Per-rank loader of ``(images, labels, indices)`` batches; ``batch_size`` is per rank."""
+    """Per-rank loader of ``(images, labels, indices)`` batches; ``batch_size`` is per rank; ``indices``
+    restricts it to those dataset indices (which the batches still report)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    indexed = IndexedDataset(dataset, image_size=image_size, indices=indices)
     sampler = ShardedSampler(
-        len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last
+        len(indexed), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last
     )
     # Workers' base seed is drawn from this generator, so the global RNG of the main process is not touched.
     generator = torch.Generator()
     generator.manual_seed(seed)
     dataloader = DataLoader(
-        IndexedDataset(dataset, image_size=image_size),
+        indexed,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,

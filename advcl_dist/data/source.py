@@ -6,11 +6,12 @@ trainer does not know which one it reads.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError, DataConfig
+from ..config import Config, ConfigError, DataConfig
 from .datasets import get_dataset, num_classes
 from .ffcv_support import require_ffcv
 from .loader import Loader, build_loader
@@ -52,19 +53,27 @@ def _ffcv_threads(data: DataConfig) -> int:
 
 
 def training_data(data: DataConfig, batch_size: int, *, seed: int, rank: int, world_size: int,
-                  device: torch.device, shuffle: bool = True, drop_last: bool = True) -> TrainingData:
-    """This rank's loader of data.name/data.split, from data.beton with FFCV or from `get_dataset`."""
+                  device: torch.device, shuffle: bool = True, drop_last: bool = True,
+                  select=None) -> TrainingData:
+    """This rank's loader of data.name/data.split, from data.beton with FFCV or from `get_dataset`.
+
+    `select(num_samples)` may restrict it to some dataset indices (None: all); num_samples stays the
+    dataset's size, and batches report dataset indices."""
     if data_format(data) == "ffcv":
         from .ffcv_loader import build_ffcv_loader
 
         info = beton_info(data)
+        indices = select(info.num_samples) if select else None
         loader = build_ffcv_loader(info.path, batch_size, shuffle=shuffle, drop_last=drop_last,
                                    workers=_ffcv_threads(data), seed=seed, rank=rank, world_size=world_size,
-                                   image_size=data.image_size, device=device, os_cache=data.os_cache, info=info)
+                                   image_size=data.image_size, device=device, os_cache=data.os_cache, info=info,
+                                   indices=indices)
         return TrainingData(loader, info.num_samples, info.num_classes, f"{info.path} (FFCV)")
     dataset = get_dataset(data.name, data.split, data.root, data.download)
+    indices = select(len(dataset)) if select else None
     loader = build_loader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, workers=data.workers,
-                          seed=seed, rank=rank, world_size=world_size, image_size=data.image_size)
+                          seed=seed, rank=rank, world_size=world_size, image_size=data.image_size,
+                          indices=indices)
     return TrainingData(loader, len(dataset), num_classes(dataset), "torchvision")
 
 
@@ -76,3 +85,12 @@ def image_source(data: DataConfig):
 
         return BetonImages(beton_info(data), workers=_ffcv_threads(data), os_cache=data.os_cache)
     return get_dataset(data.name, data.split, data.root, data.download)
+
+
+def finetune_data(cfg: Config, split: str = "train", beton: str | None = None) -> DataConfig:
+    """The finetuning set's `split` (`finetune.dataset`/`root`, or the pretraining data's): read from `beton`
+    with FFCV when given, else torchvision; base images resized to `views.size` (transfer, e.g. STL-10 → 32)."""
+    name = cfg.finetune.dataset or cfg.data.name
+    root = cfg.finetune.root if cfg.finetune.root is not None else cfg.data.root
+    return dataclasses.replace(cfg.data, name=name, split=split, root=root, beton=beton,
+                               format="ffcv" if beton else "torchvision", image_size=cfg.views.size)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import write_text
+from ..run_folder import write_text
 
 
 class NonFiniteLossError(RuntimeError):

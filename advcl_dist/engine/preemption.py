@@ -55,23 +55,13 @@ class StopRequest:
             self._group = None
 
 
-_active: StopRequest | None = None
-
-
-def active_stop_request() -> StopRequest | None:
-    """The request installed by `stop_on_signal`, or None when no launcher asked for graceful stops."""
-    return _active
-
-
 @contextlib.contextmanager
 def stop_on_signal(signum: int = signal.SIGUSR2) -> Iterator[StopRequest]:
-    """Route `signum` to a StopRequest for the duration; the previous handler comes back afterwards."""
-    global _active
+    """Route `signum` to a StopRequest for the duration (pass it to the stage); the previous handler comes
+    back afterwards."""
     request = StopRequest()
     previous = signal.signal(signum, request.set)
-    _active = request
     try:
         yield request
     finally:
-        _active = None
         signal.signal(signum, previous)

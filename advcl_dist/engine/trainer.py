@@ -1,46 +1,31 @@
-"""The training loop shared by every pretraining method.
+"""The one training loop: pretraining methods and finetuning modes alike (engine/objective.py).
 
-loader (uint8) → device → method step (views, attacks, one multi-branch forward) → one backward →
-SGD with warm-up + cosine, through DDP or DeepSpeed (engine/backends.py). bf16 autocast and
-channels_last on GPU; an atomic checkpoint every `train.ckpt_every` steps to one fixed file;
-auto-resume from it, replaying the data order and the augmentation/attack randomness exactly.
+loader (uint8) → device → objective step (views, attacks, forward) → one backward → SGD with the
+objective's schedule, through DDP or DeepSpeed (engine/backends.py). bf16 autocast and channels_last
+on GPU; an atomic checkpoint every `train.ckpt_every` steps to one fixed file; auto-resume from it,
+replaying the data order and the augmentation/attack randomness exactly; a launcher's stop request
+(SIGUSR2 before a time limit) ends the loop at a step boundary with the checkpoint written.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..config import Config, ConfigError, to_yaml
 from ..data.source import training_data
-from ..distributed import DistInfo, barrier, distributed_session, init_distributed, node_names
-from ..methods import Method, build_method
+from ..distributed import DistInfo, barrier, distributed_session, init_distributed
 from ..models.sync_bn import convert_sync_batchnorm
 from ..rng import StepRandom
+from ..run_folder import RunFolder
 from .backends import build_engine
-from .checkpoint import write_json, write_text
 from .metrics import MetricLogger, NonFiniteLossError
-from .preemption import active_stop_request
-from .run_info import now, run_info
-from .schedule import warmup_cosine
+from .objective import DataFacts, EpochContext, Objective, StepContext
+from .preemption import StopRequest
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs."""
-    def flat(node, prefix=""):
-        if isinstance(node, dict):
-            return {k: v for key, val in node.items() for k, v in flat(val, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: node}
-
-    old, new = flat(yaml.safe_load(old_yaml)), flat(yaml.safe_load(new_yaml))
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
 def autocast_for(cfg: Config, device: torch.device):
@@ -51,59 +36,72 @@ def autocast_for(cfg: Config, device: torch.device):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
+    """Trains `objective` (default: the pretraining method `train.method`) on every rank of the launch."""
+
+    def __init__(self, cfg: Config, dist_info: DistInfo | None = None, objective: Objective | None = None):
+        from ..methods import build_method
+
         self.cfg = cfg
         self.dist = dist_info or init_distributed(cfg.train.device)
         self.device = self.dist.device
         self.out = Path(cfg.out_dir)
-        t = cfg.train
-        if t.batch_size % self.dist.world_size:
-            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {self.dist.world_size} ranks")
-        self.data = training_data(cfg.data, t.batch_size // self.dist.world_size, seed=t.seed, rank=self.dist.rank,
-                                  world_size=self.dist.world_size, device=self.device)
+        self.objective = objective or build_method(cfg)
+        s = self.settings = self.objective.loop_settings()
+        t, world = cfg.train, self.dist.world_size
+        batch_key = "train.batch_size" if s.stage == "pretrain" else f"{s.stage}.batch_size"
+        if s.batch_size % world:
+            raise ConfigError(f"{batch_key}={s.batch_size} is not divisible by the {world} ranks; choose a "
+                              f"multiple of {world} (it is the global batch, split evenly over the ranks)")
+        self.data = training_data(s.data, s.batch_size // world, seed=t.seed, rank=self.dist.rank,
+                                  world_size=world, device=self.device, select=s.subset)
         self.loader = self.data.loader
+        self.num_images = self.loader.sampler.num_samples  # the images trained on (a subset, or all)
         if self.loader.batches_per_epoch == 0:
-            raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {self.data.num_samples} "
-                              "training images")
-        self.method: Method = build_method(cfg, self.data.num_samples, self.device, self.data.num_classes)
+            raise ConfigError(f"{batch_key}={s.batch_size} is larger than the {self.num_images} training images")
+        self.objective.bind(DataFacts(self.data.num_samples, self.data.num_classes), self.device)
         torch.manual_seed(t.seed)
-        model = self.method.build_model().to(self.device)
-        if t.sync_bn and self.dist.world_size > 1:
+        model = self.objective.build_model().to(self.device)
+        if t.sync_bn and world > 1:
             model = convert_sync_batchnorm(model, self.device)
         self.channels_last = t.channels_last and self.device.type == "cuda"
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        o = cfg.optim
-        optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        optimizer = torch.optim.SGD(self.objective.param_groups(model), lr=s.lr, momentum=s.momentum,
+                                    weight_decay=s.weight_decay)
         self.steps_per_epoch = self.loader.batches_per_epoch
-        self.total_steps = t.epochs * self.steps_per_epoch
-        schedule = partial(warmup_cosine, total_steps=self.total_steps,
-                           warmup_steps=round(o.warmup_epochs * self.steps_per_epoch), lr=o.lr, min_lr=o.min_lr,
-                           warmup_start_lr=o.warmup_start_lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s) / o.lr)
+        self.total_steps = s.epochs * self.steps_per_epoch
+        factor = self.objective.lr_factor
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: factor(step, self.steps_per_epoch, self.total_steps))
         self.engine = build_engine(t.engine, model, optimizer, scheduler, self.dist, self.loader.batch_size,
                                    t.zero_stage)
         # Views and attacks reseed from (seed, step) every step: nothing to checkpoint, and a sample's
         # views do not depend on the number of ranks (see rng.StepRandom).
-        self.random = StepRandom(self.device, t.seed, self.dist.rank, self.dist.world_size)
+        self.random = StepRandom(self.device, t.seed, self.dist.rank, world)
         self.step = 0
         self.stopped_by_signal = False
+        self.run = RunFolder(self.out, s.stage, self.dist)
 
     @property
     def model(self) -> torch.nn.Module:
         """The plain network (not the DDP / DeepSpeed wrapper)."""
         return self.engine.module
 
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            print(f"[{self.settings.stage}] {message}", flush=True)
+
     # -- checkpoint -------------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
-        return self.out / CHECKPOINT
+        return self.out / self.settings.checkpoint
 
     def facts(self, finished: bool = False) -> dict:
         """What a checkpoint records beside the weights and optimizer state."""
-        return {"step": self.step, "total_steps": self.total_steps, "finished": finished,
-                "method": self.cfg.train.method, "num_classes": self.method.num_classes,
-                "world_size": self.dist.world_size, "engine": self.cfg.train.engine, "config": to_yaml(self.cfg)}
+        return {"step": self.step, "total_steps": self.total_steps, "epoch": self.step // self.steps_per_epoch,
+                "finished": finished, "method": self.cfg.train.method, "world_size": self.dist.world_size,
+                "engine": self.cfg.train.engine, "config": to_yaml(self.cfg),
+                "objective": self.objective.state_dict(), **self.objective.checkpoint_facts(finished)}
 
     def save(self, finished: bool = False) -> None:
         self.engine.save(self.checkpoint_path, self.facts(finished))
@@ -112,73 +110,62 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return False
         state = self.engine.load(self.checkpoint_path)
-        changed = changed_keys(state["config"], to_yaml(self.cfg))
-        if changed and self.dist.is_main:
-            print(f"[pretrain] warning: resuming {self.checkpoint_path} with a changed config: {', '.join(changed)}",
-                  flush=True)
         self.step = state["step"]
+        self.objective.load_state_dict(state.get("objective") or {})
         return True
 
-    def _provenance(self, resumed: bool, nodes: list[str]) -> dict:
-        """run.json for this session; a resumed run keeps its first start and lists where it resumed."""
-        info = run_info(self.dist.world_size, nodes, self.device)
-        info.update(launcher=self.dist.launcher, engine=self.cfg.train.engine, sync_bn=self.cfg.train.sync_bn)
-        path = self.out / "run.json"
-        previous = json.loads(path.read_text()) if resumed and path.exists() else {}
-        info["start"] = previous.get("start", info["start"])
-        info["resumes"] = previous.get("resumes", []) + ([{"step": self.step, "time": now()}] if resumed else [])
-        return info
-
     # -- loop -------------------------------------------------------------------------------------
-    def fit(self, stop_after_steps: int | None = None,
-            on_step: Callable[[Trainer, dict], None] | None = None) -> Path:
-        """Train to the end (or for `stop_after_steps` steps in total); returns the run folder."""
-        cfg, main = self.cfg, self.dist.is_main
-        self.out.mkdir(parents=True, exist_ok=True)
+    def fit(self, stop_after_steps: int | None = None, on_step: Callable[[Trainer, dict], None] | None = None,
+            stop: StopRequest | None = None) -> Path:
+        """Train to the end (or for `stop_after_steps` steps in total); returns the run folder.
+
+        `stop`: the launcher's request to stop at the next step boundary (SIGUSR2 before a time limit).
+        """
         resumed = self.resume()
         if resumed and self.step >= self.total_steps:
-            if main:
-                print(f"[pretrain] already finished ({self.checkpoint_path}); nothing to do", flush=True)
+            self.log(f"already finished ({self.checkpoint_path}); nothing to do")
             return self.out
-        nodes = node_names()  # a collective: every rank takes part
-        if main:
-            write_text(to_yaml(cfg), self.out / "config.yaml")
-            info = self._provenance(resumed, nodes)
-            write_json(info, self.out / "run.json")
-            print(self._header(resumed), flush=True)
-        logger = MetricLogger(self.out, self.total_steps, self.step, cfg.train.batch_size, enabled=main)
-        stop = active_stop_request()
+        changed = self.run.start(to_yaml(self.cfg), {"step": self.step} if resumed else None,
+                                 engine=self.cfg.train.engine, sync_bn=self.cfg.train.sync_bn)
+        self.log(self._header(resumed))
+        if changed:
+            self.log(f"warning: resuming {self.checkpoint_path} with a changed config: {', '.join(changed)}")
+        logger = MetricLogger(self.out, self.total_steps, self.step, self.settings.batch_size,
+                              enabled=self.dist.is_main)
         try:
             self._loop(logger, stop_after_steps, on_step, stop)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(f"{e}. Training stopped; the last good checkpoint ({self.checkpoint_path}) "
-                                     "is kept. Lower optim.lr or check the data.") from None
+                                     "is kept. Lower the learning rate or check the data.") from None
         finally:
             logger.close()
-        if stop is not None:
-            stop.close()
-        if main:
-            info["end"] = now()
-            info["steps_done"] = self.step
-            info["finished"] = self.step >= self.total_steps
-            if self.stopped_by_signal:
-                info["stopped_by_signal"] = True
-            write_json(info, self.out / "run.json")
+        facts = {"steps_done": self.step}
+        if self.stopped_by_signal:
+            facts["stopped_by_signal"] = True
+        self.run.finish(self.step >= self.total_steps, **facts)
         barrier()  # no rank returns before rank 0's last checkpoint and run.json are written
         return self.out
 
     def _header(self, resumed: bool) -> str:
-        cfg, w = self.cfg, self.dist.world_size
-        left_out = self.data.num_samples - self.steps_per_epoch * cfg.train.batch_size
-        ranks = (f"{w} ranks × {cfg.train.batch_size // w} images ({cfg.train.engine}"
-                 + (", SyncBN" if cfg.train.sync_bn else "") + ")") if w > 1 else "1 process"
-        return (f"[pretrain] {cfg.train.method} on {cfg.data.name}: {self.data.num_samples} images "
-                f"({self.data.description}), "
-                f"{self.steps_per_epoch} steps/epoch of {cfg.train.batch_size} on {ranks}, "
+        s, w = self.settings, self.dist.world_size
+        left_out = self.num_images - self.steps_per_epoch * s.batch_size
+        ranks = (f"{w} ranks × {s.batch_size // w} images ({self.cfg.train.engine}"
+                 + (", SyncBN" if self.cfg.train.sync_bn else "") + ")") if w > 1 else "1 process"
+        return (f"{self.objective.describe()} on {s.data.name}: {self.num_images} images "
+                f"({self.data.description}), {self.steps_per_epoch} steps/epoch of {s.batch_size} on {ranks}, "
                 f"{self.total_steps} steps, device {self.device}"
                 + (f"; each epoch leaves out {left_out} images (the partial last batch; reshuffled every epoch)"
                    if left_out else "")
                 + (f", resumed at step {self.step}" if resumed else "") + f" → {self.out}")
+
+    def context(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> StepContext:
+        engine = self.engine
+        return StepContext(step=self.step, epoch=self.step // self.steps_per_epoch, total_steps=self.total_steps,
+                           steps_per_epoch=self.steps_per_epoch, random=self.random.reseed(self.step),
+                           model=engine.model, module=engine.module,
+                           images=images.to(self.device, non_blocking=True),
+                           labels=labels.to(self.device, non_blocking=True),
+                           indices=indices.to(self.device, non_blocking=True))
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimisation step on a loader batch; returns its metrics as device tensors.
@@ -187,31 +174,39 @@ class Trainer:
         loader's batches are pinned, their copies non-blocking, and metrics are read only at `flush`.
         """
         # channels_last lives in the weights: convolutions then return channels_last activations.
-        images = images.to(self.device, non_blocking=True)
-        indices = indices.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        engine = self.engine
+        ctx = self.context(images, labels, indices)
         with autocast_for(self.cfg, self.device):
-            out = self.method.training_step(engine.model, images, indices, self.random.reseed(self.step),
-                                            engine.module, labels)
-        engine.update(out.loss)
+            out = self.objective.training_step(ctx)
+        self.engine.update(out.loss)
+        self.objective.after_optimizer_step(ctx)
         self.step += 1
         return out.metrics
 
-    def _loop(self, logger: MetricLogger, stop_after_steps, on_step, stop=None) -> None:
+    def _epoch_context(self, epoch: int) -> EpochContext:
+        return EpochContext(epoch=epoch, step=self.step, total_steps=self.total_steps, module=self.engine.module,
+                            dist=self.dist, log=self.log)
+
+    def _loop(self, logger: MetricLogger, stop_after_steps, on_step, stop: StopRequest | None) -> None:
         t = self.cfg.train
         last = min(self.total_steps, stop_after_steps or self.total_steps)
         engine = self.engine
-        engine.module.train()
         while self.step < last:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
+            self.objective.train_mode(engine.module)
+            if skip == 0:
+                self.objective.on_epoch_start(self._epoch_context(epoch))
             self.loader.set_epoch(epoch, start_batch=skip)
             for images, labels, indices in self.loader:
                 logger.update(self.train_step(images, labels, indices))
+                epoch_done = self.step % self.steps_per_epoch == 0
                 record = None
-                if self.step % t.log_every == 0 or self.step % t.ckpt_every == 0 or self.step == last:
+                if self.step % t.log_every == 0 or self.step % t.ckpt_every == 0 or self.step == last or epoch_done:
                     record = logger.flush(self.step, epoch, engine.lr)
-                saved = self.step % t.ckpt_every == 0 or self.step == last
+                if epoch_done:
+                    # e.g. validation; before the checkpoint, so that it records the hook's result
+                    self.objective.on_epoch_end(self._epoch_context(epoch + 1))
+                    self.objective.train_mode(engine.module)
+                saved = self.step % t.ckpt_every == 0 or self.step == last or epoch_done
                 if saved:
                     self.save(finished=self.step == self.total_steps)
                 if on_step is not None:
@@ -224,14 +219,12 @@ class Trainer:
                         logger.flush(self.step, epoch, engine.lr)
                         self.save()
                     self.stopped_by_signal = True
-                    if self.dist.is_main:
-                        print(f"[pretrain] stopped at step {self.step} of {self.total_steps} on the launcher's "
-                              f"signal; checkpoint {self.checkpoint_path} written, the requeued job resumes there",
-                              flush=True)
+                    self.log(f"stopped at step {self.step} of {self.total_steps} on the launcher's signal; "
+                             f"checkpoint {self.checkpoint_path} written, the requeued job resumes there")
                     return
 
 
-def pretrain(cfg: Config, stop_after_steps: int | None = None) -> Path:
+def pretrain(cfg: Config, stop: StopRequest | None = None, stop_after_steps: int | None = None) -> Path:
     """Run (or resume) pretraining as configured, on every rank the launcher started; returns the run folder."""
     with distributed_session(cfg.train.device) as dist_info:
-        return Trainer(cfg, dist_info).fit(stop_after_steps)
+        return Trainer(cfg, dist_info).fit(stop_after_steps, stop=stop)

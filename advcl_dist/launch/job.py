@@ -1,9 +1,10 @@
 """The callable every submitted job runs: one stage, on every task of the job, safe to requeue.
 
-A time limit or a preemption (SIGUSR2 from SLURM) ends in a requeue: pretraining first stops at
-the next step boundary and writes its checkpoint (engine/preemption.py); other stages are
-requeued at once. `checkpoint()` hands submitit the same job, which resumes from the stage's
-fixed checkpoint (`checkpoint.pt`, `classifier.pt`, the clustering's feature cache).
+A time limit or a preemption (SIGUSR2 from SLURM) ends in a requeue: pretraining and finetuning first
+stop at the next step boundary and write their checkpoint, evaluation after its current block (all
+passed the stop request, engine/preemption.py); the clustering stage is requeued at once.
+`checkpoint()` hands submitit the same job, which resumes from the stage's fixed checkpoint
+(`checkpoint.pt`, `classifier.pt`, the evaluation's block cache, the clustering's feature cache).
 """
 from __future__ import annotations
 
@@ -31,17 +32,14 @@ class StageJob:
         env = submitit.JobEnvironment()
         self._set_up_process(env)
         cfg: Config = self.stage.cfg  # derived on the node: it checks files that earlier jobs wrote
-        if not self.stage.multi_rank and env.num_tasks > 1:
-            raise RuntimeError(f"stage {self.stage.name} runs in one process, but this job has {env.num_tasks} "
-                               "tasks; submit it with one task (tools/submit.py does)")
-        if not self.stage.multi_rank or self.stage.done_when != "finished":
+        if not self.stage.graceful:
             return self.stage.run(cfg)  # submitit's own handler requeues at once on SIGUSR2
-        # Pretraining stops gracefully; submitit's handler (requeue, or give up after too many time limits)
+        # The stage stops gracefully; submitit's handler (requeue, or give up after too many time limits)
         # runs once the checkpoint is written. _usr_sig is the signal submitit asked SLURM for.
         usr_sig = env._usr_sig()
         submitit_handler = signal.getsignal(usr_sig)
         with stop_on_signal(usr_sig) as stop:
-            result = self.stage.run(cfg)
+            result = self.stage.run(cfg, stop=stop)
         if stop.requested and not self.stage.is_done() and callable(submitit_handler):
             submitit_handler(usr_sig, None)  # task 0 requeues the job and exits; the others return
         return result

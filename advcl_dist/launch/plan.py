@@ -1,7 +1,8 @@
 """Which jobs a submission makes: one stage, the pipeline's stages, or either over a sweep's grid.
 
 A job group is one stage for every point of a sweep (a job array when there are several points),
-with the resources the stage can use and the groups it waits for.
+with the resources of its kind of stage (every stage runs on every task of its job: `--nodes`, or
+`launch.<kind>_nodes` from the config) and the groups it waits for.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from ..pipeline import Stage, plan_stages, run_pipeline
 from .resources import Resources
 
 STAGE_NAMES = ("pretrain", "cluster", "finetune", "evaluate", "pipeline")
-# stage → (function, what marks it done, runs on every rank)
-SINGLE_STAGES = {"pretrain": (pretrain, "finished", True), "cluster": (cluster, CLUSTERS_FILE, True),
-                 "finetune": (finetune, RESULTS, False), "evaluate": (evaluate, RESULTS, False)}
+# stage → (function, what marks it done, polls the stop request)
+SINGLE_STAGES = {"pretrain": (pretrain, "finished", True), "cluster": (cluster, CLUSTERS_FILE, False),
+                 "finetune": (finetune, RESULTS, True), "evaluate": (evaluate, RESULTS, True)}
 
 
 @dataclass
@@ -53,9 +54,17 @@ def stages_for(stage: str, cfg: Config) -> list[Stage]:
         stages = plan_stages(cfg)
         # The last job only tabulates (every stage is done by then): summary.md / summary.json.
         return stages + [Stage("summary", cfg, {"out_dir": cfg.out_dir}, run_pipeline, "summary.md",
-                               tuple(s.name for s in stages))]
-    run, done_when, multi_rank = SINGLE_STAGES[stage]
-    return [Stage(stage, cfg, {"out_dir": cfg.out_dir}, run, done_when, (), multi_rank)]
+                               tuple(s.name for s in stages), kind="summary")]
+    run, done_when, graceful = SINGLE_STAGES[stage]
+    return [Stage(stage, cfg, {"out_dir": cfg.out_dir}, run, done_when, (), kind=stage, graceful=graceful)]
+
+
+def stage_resources(stage: Stage, resources: Resources) -> Resources:
+    """The command line's resources, with the config's node count for this kind of stage (launch.*)."""
+    if stage.kind == "summary":  # only tabulates: one CPU
+        return dataclasses.replace(resources, nodes=1, gpus_per_node=0, cpus_per_task=1)
+    nodes = getattr(stage.base.launch, f"{stage.kind}_nodes")
+    return dataclasses.replace(resources, nodes=nodes) if nodes else resources
 
 
 def plan_jobs(stage: str, configs: list[Config], resources: Resources) -> list[JobGroup]:
@@ -68,10 +77,7 @@ def plan_jobs(stage: str, configs: list[Config], resources: Resources) -> list[J
     groups = []
     for i, name in enumerate(names):
         stages = [p[i] for p in per_point]
-        r = resources if stages[0].multi_rank else resources.single_process()
-        if name == "summary":
-            r = dataclasses.replace(r, gpus_per_node=0, cpus_per_task=1)
-        groups.append(JobGroup(name, stages, r, stages[0].needs))
+        groups.append(JobGroup(name, stages, stage_resources(stages[0], resources), stages[0].needs))
     return groups
 
 

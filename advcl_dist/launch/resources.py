@@ -7,7 +7,6 @@ running the job on the login node.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import shutil
 import sys
@@ -43,10 +42,6 @@ class Resources:
     @property
     def tasks(self) -> int:
         return self.nodes * self.tasks_per_node
-
-    def single_process(self) -> Resources:
-        """One task on one node with at most one GPU: what finetuning and evaluation use."""
-        return dataclasses.replace(self, nodes=1, gpus_per_node=min(self.gpus_per_node, 1))
 
     def describe(self) -> str:
         gpus = f"{self.gpus_per_node} GPU{'s' if self.gpus_per_node != 1 else ''}/node" if self.gpus_per_node \

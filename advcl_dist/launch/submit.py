@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from ..config import Config, ConfigError, build_parser, load_config, to_yaml, with_overrides
-from ..engine.checkpoint import write_json, write_text
-from ..engine.run_info import now
+from ..provenance import now
+from ..run_folder import write_json, write_text
 from .job import StageJob
 from .plan import STAGE_NAMES, JobGroup, plan_jobs, preflight, read_sweep, sweep_configs
 from .resources import add_resource_arguments, make_executor, resources_from_args, sbatch_script

@@ -8,6 +8,7 @@ L = L_con + λ · mean_K CE_K(x + δ_ce).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,27 @@ from torch.profiler import record_function
 from ..attacks import PGDResult, pgd
 from ..config import ConfigError
 from ..data.augment import crop_flip_view
+from ..engine.objective import DataFacts
 from ..losses import pseudo_label_ce
 from ..models import views_plan
 from ..views import high_frequency
-from .base import Method, StepOutput, register, split_views
+from .base import Method, StepContext, StepOutput, register, split_views
 from .simclr import simclr_views
+
+
+@dataclass
+class AdvCLSettings:
+    """The `advcl` config section: AdvCL's own settings (defaults: the authors' CIFAR-10 code)."""
+
+    pseudo_weight: float = 0.2  # λ of the pseudo-label CE term, eq. (10)
+    hf_radius: float = 8.0  # radius of the low-frequency disk removed to make x_h, eq. (8)
+    # δ and δ_ce share each PGD step's forward ([x+δ; x+δ_ce], per-branch BN statistics): the same
+    # perturbations with half the passes (launches, host time), at the cost of a copy per BN layer.
+    fuse_attacks: bool = True
+
+    def check(self, need) -> None:
+        need(self.pseudo_weight >= 0, "pseudo_weight", "must be >= 0")
+        need(self.hf_radius >= 0, "hf_radius", "must be >= 0")
 
 
 def load_pseudo_labels(path: str | Path, num_samples: int, ks) -> np.ndarray:
@@ -39,15 +56,21 @@ def load_pseudo_labels(path: str | Path, num_samples: int, ks) -> np.ndarray:
     return labels
 
 
-@register("advcl")
+@register("advcl", settings=AdvCLSettings)
 class AdvCL(Method):
-    branches = ("normal", "pgd", "pgd_ce")
+    """Needs pseudo-labels (the pipeline clusters f_pre features first); without them (pseudo.labels=null
+    when run alone) it trains on the contrastive term only."""
 
-    def __init__(self, cfg, num_samples, device, num_classes=None):
-        super().__init__(cfg, num_samples, device, num_classes)
+    branches = ("normal", "pgd", "pgd_ce")
+    needs = frozenset({"pseudo_labels"})
+    pseudo_labels: torch.Tensor | None = None  # [num_samples, len(ks)] on the device, after `bind`
+
+    def bind(self, facts: DataFacts, device) -> None:
+        super().bind(facts, device)
+        cfg = self.cfg
         self.pseudo_labels = None
         if cfg.pseudo.labels is not None:
-            labels = load_pseudo_labels(cfg.pseudo.labels, num_samples, cfg.pseudo.ks)
+            labels = load_pseudo_labels(cfg.pseudo.labels, facts.num_samples, cfg.pseudo.ks)
             self.pseudo_labels = torch.as_tensor(labels, dtype=torch.long, device=device)
         else:
             # Without pseudo-labels there is no δ_ce: a `pgd_ce` BN branch would hold parameters that
@@ -63,7 +86,7 @@ class AdvCL(Method):
         initial loss per attack.
 
         The clean views' projections are computed once, not at every PGD step. The two attacks are
-        independent (same x, ε, steps; separate BN branches and losses), so with attack.fuse each PGD step
+        independent (same x, ε, steps; separate BN branches and losses), so with advcl.fuse_attacks each PGD step
         forwards [x+δ; x+δ_ce] as one batch with per-branch BN statistics: one pass per step instead of
         two, with the same δ and δ_ce as two separate attacks (tests/test_methods.py checks both ways).
         """
@@ -82,7 +105,7 @@ class AdvCL(Method):
 
         if pseudo is None:
             return attack(lambda x_adv: contrastive(model(x_adv, (("pgd", b),))), x)
-        if a.fuse:
+        if self.settings.fuse_attacks:
             plan = views_plan(("pgd", "pgd_ce"), b)
 
             def both(x_adv):
@@ -95,17 +118,17 @@ class AdvCL(Method):
         return PGDResult(torch.cat([con.x_adv, ce.x_adv]), torch.stack([con.initial_loss, ce.initial_loss]),
                          torch.stack([con.last_loss, ce.last_loss]))
 
-    def training_step(self, model, images, indices, generator, attack_model=None, labels=None) -> StepOutput:
-        # `labels` (true classes) are ignored: AdvCL is self-supervised.
-        attack_model = attack_model or model
+    def training_step(self, ctx: StepContext) -> StepOutput:
+        # `ctx.labels` (true classes) are ignored: AdvCL is self-supervised.
+        model, images, generator = ctx.model, ctx.images, ctx.random
         v, b = self.cfg.views, images.shape[0]
         with record_function("advcl/views"):
             x = crop_flip_view(images, generator, size=v.size, padding=v.padding)
             t1, t2 = simclr_views(images, generator, v)
-            x_h = high_frequency(x, v.hf_radius)
-        pseudo = self.pseudo_labels[indices] if self.pseudo_labels is not None else None
+            x_h = high_frequency(x, self.settings.hf_radius)
+        pseudo = self.pseudo_labels[ctx.indices] if self.pseudo_labels is not None else None
         with record_function("advcl/attacks"):
-            adv = self.attacks(attack_model, x, torch.cat([t1, t2, x_h]), pseudo, generator)
+            adv = self.attacks(ctx.module, x, torch.cat([t1, t2, x_h]), pseudo, generator)
         # Training views: x + δ (pgd), t1, t2, x_h (normal) [, x + δ_ce (pgd_ce)].
         views = [adv.x_adv[:b], t1, t2, x_h] + ([] if pseudo is None else [adv.x_adv[b:]])
         branches = ["pgd", "normal", "normal", "normal"] + ([] if pseudo is None else ["pgd_ce"])
@@ -117,7 +140,7 @@ class AdvCL(Method):
             loss = loss_con
             if pseudo is not None:
                 loss_ce = pseudo_label_ce([logits[4 * b:] for logits in out["pseudo_logits"]], pseudo)
-                loss = loss_con + self.cfg.loss.pseudo_weight * loss_ce
+                loss = loss_con + self.settings.pseudo_weight * loss_ce
                 metrics["loss_ce"] = loss_ce.detach()
         metrics["loss"] = loss.detach()
         return StepOutput(loss, metrics)

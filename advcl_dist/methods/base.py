@@ -1,46 +1,73 @@
-"""The method interface and the registry that maps `train.method` to a class."""
+"""The pretraining method interface (a plug-in) and the registry that maps `train.method` to a class.
+
+A method is one file: a `Method` subclass registered by name, optionally with a settings dataclass
+that becomes its own config section, declaring what it needs so that the pipeline and
+`tools/submit.py` can plan the stages before it (`needs`). The training loop is engine/trainer.py.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import nn
 
+from ..config import METHOD_SETTINGS, Config
+from ..engine.objective import DataFacts, LoopSettings, Objective, StepContext, StepOutput
+from ..engine.schedule import warmup_cosine
 from ..losses import multiview_nt_xent
 from ..models import AdvCLNet, build_model
-from ..rng import StepRandom
 
 METHODS: dict[str, type[Method]] = {}
+# What a method may declare in `needs`:
+NEEDS = {
+    "pseudo_labels": "pseudo.labels from a clustering stage (the pipeline adds f_pre → cluster before it)",
+    "labels": "the dataset's labels (a labelled data.split)",
+}
 
 
-def register(name: str):
+def register(name: str, settings: type | None = None):
+    """Class decorator: `train.method=<name>` selects the class; `settings` (a dataclass) is its config
+    section `<name>.*` (defaults = the method's published defaults; a `check(need)` method validates it)."""
     def wrap(cls):
-        if name in METHODS:
+        if name in METHODS and METHODS[name] is not cls:
             raise KeyError(f"method {name!r} registered twice")
+        unknown = set(cls.needs) - set(NEEDS)
+        if unknown:
+            raise ValueError(f"method {name!r} declares unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
         cls.name = name
         METHODS[name] = cls
+        if settings is not None:
+            METHOD_SETTINGS[name] = settings
         return cls
 
     return wrap
 
 
-@dataclass
-class StepOutput:
-    loss: torch.Tensor  # scalar to back-propagate
-    metrics: dict[str, torch.Tensor]  # detached scalars, logged as averages (no host sync here)
+class Method(Objective):
+    """One pretraining objective. Subclasses set `branches` and `needs` and define `training_step`.
 
-
-class Method:
-    """One pretraining objective. Subclasses define the BN branches, heads and the step."""
+    `self.settings` is the method's own config section (None when it has none).
+    """
 
     name = "?"
     branches: tuple[str, ...] = ("normal",)
+    needs: frozenset[str] = frozenset()
 
-    def __init__(self, cfg, num_samples: int, device: torch.device, num_classes: int | None = None):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.num_samples = num_samples
-        self.device = device
-        self.num_classes = num_classes
+        self.settings = getattr(cfg, self.name, None) if self.name in METHOD_SETTINGS else None
+        self.num_samples = self.num_classes = None
+        self.device = torch.device("cpu")
+
+    def loop_settings(self) -> LoopSettings:
+        t, o = self.cfg.train, self.cfg.optim
+        return LoopSettings(stage="pretrain", data=self.cfg.data, batch_size=t.batch_size, epochs=t.epochs,
+                            checkpoint="checkpoint.pt", lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+    def bind(self, facts: DataFacts, device: torch.device) -> None:
+        self.num_samples, self.num_classes, self.device = facts.num_samples, facts.num_classes, device
+
+    def lr_factor(self, step: int, steps_per_epoch: int, total_steps: int) -> float:
+        o = self.cfg.optim
+        return warmup_cosine(step, total_steps=total_steps, warmup_steps=round(o.warmup_epochs * steps_per_epoch),
+                             lr=o.lr, min_lr=o.min_lr, warmup_start_lr=o.warmup_start_lr) / o.lr
 
     def pseudo_ks(self) -> tuple[int, ...]:
         return ()
@@ -55,25 +82,33 @@ class Method:
         scale = loss_cfg.temperature / loss_cfg.base_temperature if loss_cfg.base_temperature else 1.0
         return scale * multiview_nt_xent(z, loss_cfg.temperature, gather=True)
 
-    def training_step(self, model: nn.Module, images: torch.Tensor, indices: torch.Tensor,
-                      generator: StepRandom, attack_model: nn.Module | None = None,
-                      labels: torch.Tensor | None = None) -> StepOutput:
-        """`images` uint8 [B, C, H, W] on the device; `model` may be wrapped (DDP), `attack_model` not.
+    def training_step(self, ctx: StepContext) -> StepOutput:
+        """`ctx.images` uint8 on the device; forward through `ctx.model` (maybe DDP), attack `ctx.module`.
 
-        Draw every random number from `generator` (reseeded each step), so that views do not depend
-        on the number of ranks and a resumed run replays exactly.
-
-        `labels` are the dataset's labels; only supervised methods may use them.
+        Draw every random number from `ctx.random` (reseeded each step), so that views do not depend on
+        the number of ranks and a resumed run replays exactly. `ctx.labels` are the dataset's labels;
+        only methods that declare `needs = {"labels"}` may use them.
         """
         raise NotImplementedError
 
+    def describe(self) -> str:
+        return self.name
 
-def build_method(cfg, num_samples: int, device: torch.device, num_classes: int | None = None) -> Method:
+
+def build_method(cfg: Config, num_samples: int | None = None, device: torch.device | str = "cpu",
+                 num_classes: int = 0) -> Method:
+    """The method `train.method`; bound to a dataset of `num_samples` images when given (else the loop binds it)."""
     if cfg.train.method not in METHODS:
         raise KeyError(f"train.method={cfg.train.method!r} is not one of {sorted(METHODS)}")
-    return METHODS[cfg.train.method](cfg, num_samples, device, num_classes)
+    method = METHODS[cfg.train.method](cfg)
+    if num_samples is not None:
+        method.bind(DataFacts(num_samples, num_classes), torch.device(device))
+    return method
 
 
 def split_views(t: torch.Tensor, views: int) -> torch.Tensor:
     """[V·B, D] rows in view-major order → [B, V, D]."""
     return t.reshape(views, -1, t.shape[-1]).transpose(0, 1)
+
+
+__all__ = ["METHODS", "NEEDS", "Method", "StepContext", "StepOutput", "build_method", "register", "split_views"]

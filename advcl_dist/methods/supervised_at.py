@@ -12,17 +12,20 @@ import torch.nn.functional as F
 from ..attacks import pgd
 from ..config import ConfigError
 from ..data.augment import crop_flip_view
+from ..engine.objective import DataFacts
 from ..models import AdvCLNet, build_model
-from .base import Method, StepOutput, register
+from .base import Method, StepContext, StepOutput, register
 
 
 @register("supervised_at")
 class SupervisedAT(Method):
     branches = ("pgd",)
+    needs = frozenset({"labels"})
 
-    def __init__(self, cfg, num_samples, device, num_classes=None):
-        super().__init__(cfg, num_samples, device, num_classes)
-        if not num_classes or "unlabeled" in cfg.data.split:
+    def bind(self, facts: DataFacts, device) -> None:
+        super().bind(facts, device)
+        cfg = self.cfg
+        if not facts.num_classes or "unlabeled" in cfg.data.split:
             # Checked here, once: a per-step check of the labels would make the host wait for the GPU.
             raise ConfigError(f"train.method=supervised_at needs a label for every training image; "
                               f"data.split={cfg.data.split} of {cfg.data.name} has unlabelled images. "
@@ -32,18 +35,16 @@ class SupervisedAT(Method):
         m = self.cfg.model
         return build_model(m.arch, m.width, self.branches, pseudo_ks=(self.num_classes,), projector=False)
 
-    def training_step(self, model, images, indices, generator, attack_model=None, labels=None) -> StepOutput:
-        if labels is None:
-            raise ValueError("supervised_at needs the dataset's labels")
-        attack_model = attack_model or model
-        v, a, b = self.cfg.views, self.cfg.attack, images.shape[0]
-        x = crop_flip_view(images, generator, size=v.size, padding=v.padding)
+    def training_step(self, ctx: StepContext) -> StepOutput:
+        attack_model, model, labels = ctx.module, ctx.model, ctx.labels
+        v, a, b = self.cfg.views, self.cfg.attack, ctx.images.shape[0]
+        x = crop_flip_view(ctx.images, ctx.random, size=v.size, padding=v.padding)
         plan = (("pgd", b),)
 
         def objective(x_adv):
             return F.cross_entropy(attack_model(x_adv, plan)["pseudo_logits"][0], labels)
 
-        adv = pgd(objective, x, a.eps, a.step_size, a.supervised_steps, a.random_start, generator)
+        adv = pgd(objective, x, a.eps, a.step_size, a.supervised_steps, a.random_start, ctx.random)
         logits = model(adv.x_adv, plan)["pseudo_logits"][0]
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.detach().argmax(1) == labels).float().mean() * 100

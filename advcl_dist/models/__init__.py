@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .branch_bn import BRANCHES, BranchBatchNorm, set_plan, views_plan
+from .branch_bn import BRANCHES, BranchBatchNorm, views_plan
 from .classifier import Classifier
 from .heads import AdvCLNet, ProjectionHead
 from .resnet import BACKBONES, CifarResNet
 
 __all__ = ["BRANCHES", "BACKBONES", "AdvCLNet", "BranchBatchNorm", "CifarResNet", "Classifier", "ProjectionHead",
-           "build_model", "set_plan", "views_plan"]
+           "build_model", "views_plan"]
 
 
 def build_model(arch: str = "resnet18", width: int = 64, branches: Sequence[str] = BRANCHES,

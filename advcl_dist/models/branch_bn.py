@@ -4,7 +4,9 @@ AdvCL keeps separate BN statistics for clean views (`normal`), the contrastive
 adversarial view (`pgd`) and the pseudo-label adversarial view (`pgd_ce`). To run
 several views in ONE forward pass (one backward, DDP-friendly) the views are
 concatenated along the batch and a *plan* — a sequence of ``(branch, rows)`` —
-tells every BN layer which rows form one view. Each segment is normalised with its
+tells every BN layer which rows form one view. The plan is an argument of every
+forward down to the BN layers (no state on the modules), so nested or concurrent
+forwards with different plans cannot see each other's. Each segment is normalised with its
 own batch statistics and its branch's affine parameters and running buffers, so the
 result (outputs, gradients and running-stat updates) equals separate forwards.
 """
@@ -27,7 +29,6 @@ class BranchBatchNorm(nn.Module):
         super().__init__()
         bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims]
         self.bns = nn.ModuleDict({name: bn(num_features, **bn_kwargs) for name in branches})
-        self.plan: Plan | None = None
 
     def branch(self, name: str) -> nn.Module:
         if len(self.bns) == 1:
@@ -36,8 +37,9 @@ class BranchBatchNorm(nn.Module):
             raise KeyError(f"unknown BN branch {name!r}; this model has {list(self.bns)}")
         return self.bns[name]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.plan or (("normal", x.shape[0]),)
+    def forward(self, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
+        """`plan`: the ``(branch, rows)`` segments of `x` in order; None is one `normal` segment."""
+        plan = plan or (("normal", x.shape[0]),)
         if len(plan) == 1:
             return self.branch(plan[0][0])(x)
         sizes = [rows for _, rows in plan]
@@ -45,13 +47,6 @@ class BranchBatchNorm(nn.Module):
             raise ValueError(f"BN plan covers {sum(sizes)} rows but the batch has {x.shape[0]}")
         parts = x.split(sizes)
         return torch.cat([self.branch(name)(part) for (name, _), part in zip(plan, parts)])
-
-
-def set_plan(module: nn.Module, plan: Plan | None) -> None:
-    """Tell every BranchBatchNorm inside `module` how the batch is segmented."""
-    for m in module.modules():
-        if isinstance(m, BranchBatchNorm):
-            m.plan = None if plan is None else tuple(plan)
 
 
 def views_plan(branches: Sequence[str], rows_per_view: int) -> tuple[tuple[str, int], ...]:

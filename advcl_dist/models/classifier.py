@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .branch_bn import set_plan
-
 
 class Classifier(nn.Module):
     """`encoder` (its BN fixed to one `branch`) followed by Linear(feat_dim, classes).
@@ -22,11 +20,7 @@ class Classifier(nn.Module):
 
     def features(self, x: torch.Tensor, views: int = 1) -> torch.Tensor:
         """Encoder features; `views` equal chunks of `x` get their own BN batch statistics in train mode."""
-        set_plan(self.encoder, ((self.branch, x.shape[0] // views),) * views)
-        try:
-            return self.encoder(x)
-        finally:
-            set_plan(self.encoder, None)
+        return self.encoder(x, ((self.branch, x.shape[0] // views),) * views)
 
     def forward(self, x: torch.Tensor, views: int = 1) -> torch.Tensor:
         return self.head(self.features(x, views))

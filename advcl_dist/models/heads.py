@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .branch_bn import BranchBatchNorm, Plan, set_plan
+from .branch_bn import BranchBatchNorm, Plan
 
 
 class ProjectionHead(nn.Module):
@@ -18,8 +18,9 @@ class ProjectionHead(nn.Module):
         self.bn = BranchBatchNorm(hidden_dim, branches=("shared",), dims=1)
         self.fc2 = nn.Linear(hidden_dim, out_dim)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.fc2(torch.relu(self.bn(self.fc1(h)))), dim=1)
+    def forward(self, h: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
+        """`plan` segments the views (its branch names are ignored: the BN has one branch)."""
+        return nn.functional.normalize(self.fc2(torch.relu(self.bn(self.fc1(h), plan))), dim=1)
 
 
 class AdvCLNet(nn.Module):
@@ -40,10 +41,6 @@ class AdvCLNet(nn.Module):
         self.pseudo_heads = nn.ModuleList(nn.Linear(self.feat_dim, k) for k in pseudo_ks)
 
     def forward(self, x: torch.Tensor, plan: Plan | None = None) -> dict[str, torch.Tensor | list | None]:
-        set_plan(self, plan)
-        try:
-            h = self.encoder(x)
-            proj = self.projector(h) if self.projector is not None else None
-            return {"features": h, "proj": proj, "pseudo_logits": [head(h) for head in self.pseudo_heads]}
-        finally:
-            set_plan(self, None)
+        h = self.encoder(x, plan)
+        proj = self.projector(h, plan) if self.projector is not None else None
+        return {"features": h, "proj": proj, "pseudo_logits": [head(h) for head in self.pseudo_heads]}

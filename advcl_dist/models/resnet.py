@@ -2,6 +2,7 @@
 
 The CIFAR variant has a 3×3 stride-1 stem and no max-pool, as in the AdvCL code;
 inputs are raw [0, 1] images (no normalisation layer), as the authors' model.
+Every forward takes the BN plan (see `branch_bn`) and hands it to each BN layer.
 """
 from __future__ import annotations
 
@@ -12,7 +13,17 @@ import torch
 import torchvision
 from torch import nn
 
-from .branch_bn import BRANCHES, BranchBatchNorm
+from .branch_bn import BRANCHES, BranchBatchNorm, Plan
+
+
+class Shortcut(nn.Sequential):
+    """Identity when empty, else (conv, BN): a Sequential so the keys stay `shortcut.0.*`, `shortcut.1.*`."""
+
+    def forward(self, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
+        if len(self) == 0:
+            return x
+        conv, bn = self
+        return bn(conv(x), plan)
 
 
 class BasicBlock(nn.Module):
@@ -24,14 +35,14 @@ class BasicBlock(nn.Module):
         self.bn1 = norm(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = norm(planes)
-        self.shortcut = nn.Sequential()
+        self.shortcut = Shortcut()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), norm(planes))
+            self.shortcut = Shortcut(nn.Conv2d(in_planes, planes, 1, stride, bias=False), norm(planes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
+    def forward(self, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x), plan))
+        out = self.bn2(self.conv2(out), plan)
+        return torch.relu(out + self.shortcut(x, plan))
 
 
 class CifarResNet(nn.Module):
@@ -48,20 +59,61 @@ class CifarResNet(nn.Module):
             for b in range(n):
                 layers.append(BasicBlock(planes_in, planes, 2 if stage > 0 and b == 0 else 1, norm))
                 planes_in = planes
-        self.layers = nn.Sequential(*layers)
+        self.layers = nn.Sequential(*layers)  # a container only: forward walks it with the plan
         self.feat_dim = planes_in
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layers(torch.relu(self.bn1(self.conv1(x))))
+    def forward(self, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x), plan))
+        for block in self.layers:
+            out = block(out, plan)
         return torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1)
+
+
+class BranchResNet50(nn.Module):
+    """torchvision's ResNet-50 modules (no fc) under the same names, run by a forward that passes the plan.
+
+    torchvision's own forward calls each BN with one tensor, so this module adopts the stem, the four
+    stages of Bottleneck blocks and the pool of a torchvision ResNet-50, and walks them itself. Adopting
+    (not wrapping) keeps the state_dict keys those of torchvision's model: `conv1.weight`,
+    `layer1.0.downsample.1.bns.normal.weight`, ...
+    """
+
+    def __init__(self, net: torchvision.models.ResNet):
+        super().__init__()
+        for name in ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"):
+            self.add_module(name, getattr(net, name))
+        self.feat_dim = net.fc.in_features
+        for block in self.blocks():  # fail here, not mid-training, if torchvision's layout ever changes
+            if not isinstance(block, torchvision.models.resnet.Bottleneck):
+                raise TypeError(f"expected torchvision Bottleneck blocks, got {type(block).__name__}")
+            if block.downsample is not None and len(block.downsample) != 2:
+                raise TypeError("expected a (conv, norm) downsample in torchvision's Bottleneck")
+
+    def blocks(self):
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            yield from stage
+
+    @staticmethod
+    def bottleneck(block: nn.Module, x: torch.Tensor, plan: Plan | None) -> torch.Tensor:
+        out = torch.relu(block.bn1(block.conv1(x), plan))
+        out = torch.relu(block.bn2(block.conv2(out), plan))
+        out = block.bn3(block.conv3(out), plan)
+        if block.downsample is not None:
+            conv, bn = block.downsample
+            x = bn(conv(x), plan)
+        return torch.relu(out + x)
+
+    def forward(self, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
+        out = self.maxpool(torch.relu(self.bn1(self.conv1(x), plan)))
+        for block in self.blocks():
+            out = self.bottleneck(block, out, plan)
+        return torch.flatten(self.avgpool(out), 1)
 
 
 def resnet50(branches=BRANCHES) -> nn.Module:
     """torchvision's ResNet-50 (ImageNet-size inputs) with branch BN and the classifier removed."""
-    net = torchvision.models.resnet50(weights=None, norm_layer=partial(BranchBatchNorm, branches=branches))
-    net.feat_dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net
+    return BranchResNet50(torchvision.models.resnet50(weights=None, norm_layer=partial(BranchBatchNorm,
+                                                                                        branches=branches)))
 
 
 BACKBONES = {

@@ -1,0 +1,129 @@
+"""One stage's run folder: `config.yaml`, `run.json`, the "finished" test and the atomic writers.
+
+Pretraining, clustering, finetuning, evaluation, the pipeline and the launcher all keep their
+bookkeeping here, so a folder written by any stage reads the same way:
+- `config.yaml`: the resolved config of the latest (re)start; a resume with another config records the
+  changed keys in run.json before the file is replaced;
+- `run.json`: provenance (world size, one node name per rank, device, git commit, versions), the
+  first start kept across resumes, every resume listed, `finished` set when the stage completes.
+Every write is atomic (a temporary file, fsync, rename): a crash never leaves half a file behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .provenance import now, run_info
+
+CONFIG = "config.yaml"
+RUN = "run.json"
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(f)` into a temporary file beside `path`, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(obj, path: Path) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
+
+
+def write_text(text: str, path: Path) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_array(array, path: Path) -> None:
+    """`np.save` (or `np.savez` for a dict of arrays) that never leaves a truncated file behind."""
+    import numpy as np
+
+    atomic_write(path, lambda f: np.savez(f, **array) if isinstance(array, dict) else np.save(f, array))
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object at `path`, None when the file is missing; a clear error when it is not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RuntimeError(f"{path} is not valid JSON ({e}); move it away to start this stage afresh") from None
+
+
+def changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs."""
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, val in node.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    old, new = flat(yaml.safe_load(old_yaml)), flat(yaml.safe_load(new_yaml))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def is_finished(folder: str | Path) -> bool:
+    """Whether the stage that owns `folder` completed (its run.json says so)."""
+    info = read_json(Path(folder) / RUN)
+    return bool(info and info.get("finished") is True)
+
+
+class RunFolder:
+    """The folder of one stage on one rank; only rank 0 writes.
+
+    `start` is collective (it gathers every rank's node name); `finish` is not.
+    """
+
+    def __init__(self, path: str | Path, stage: str, dist_info):
+        self.path, self.stage, self.dist = Path(path), stage, dist_info
+        self.info: dict = {}
+
+    @property
+    def main(self) -> bool:
+        return self.dist.is_main
+
+    def start(self, config_yaml: str, resumed_at: dict | None = None, **facts) -> list[str]:
+        """Write config.yaml and run.json for this (re)start; returns the config keys changed since the last
+        start (empty for a fresh run). `resumed_at` (e.g. {"step": 120}) marks a resume."""
+        from .distributed import node_names
+
+        nodes = node_names()  # a collective: every rank takes part
+        if not self.main:
+            return []
+        self.path.mkdir(parents=True, exist_ok=True)
+        previous = read_json(self.path / RUN) or {}
+        saved = self.path / CONFIG
+        changed = changed_keys(saved.read_text(), config_yaml) if resumed_at is not None and saved.is_file() else []
+        info = run_info(self.dist.world_size, nodes, self.dist.device)
+        info.update(stage=self.stage, launcher=self.dist.launcher, finished=False, **facts)
+        if resumed_at is not None:
+            info["start"] = previous.get("start", info["start"])
+            resume = {**resumed_at, "time": now(), "world_size": self.dist.world_size}
+            if changed:
+                resume["changed_config"] = changed
+            info["resumes"] = previous.get("resumes", []) + [resume]
+        write_text(config_yaml, saved)
+        write_json(info, self.path / RUN)
+        self.info = info
+        return changed
+
+    def finish(self, finished: bool = True, **facts) -> None:
+        """Record the end of this session: `finished` (the stage is complete) and any facts."""
+        if not self.main:
+            return
+        self.info.update(end=now(), finished=finished, **facts)
+        write_json(self.info, self.path / RUN)
