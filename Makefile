@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(EXTRAS)
 APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev slurm-wlm munge
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages demo test lint clean
+.PHONY: install system-packages demo test test-fast lint clean
 
 install: system-packages $(STAMP)
 
@@ -40,6 +40,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The development tier: no multi-process, SLURM or end-to-end tests (minutes, not a quarter of an hour).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not distributed and not slurm and not integration" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -63,6 +63,7 @@ def same_partition(a, b):
     return all((a == a[i]).tolist() == (b == b[i]).tolist() for i in range(len(a)))
 
 
+@pytest.mark.distributed
 def test_pseudo_labels_follow_dataset_indices_on_one_and_two_ranks(setup):
     groups = colour_groups(setup)
     cluster(load_config(None, overrides(setup, setup / "one")))
@@ -112,6 +113,7 @@ def test_clear_errors(setup, tmp_path):
     assert not (tmp_path / PSEUDO_LABELS).exists()
 
 
+@pytest.mark.distributed
 def test_pseudo_labels_from_a_beton_on_two_ranks_equal_the_torchvision_ones(setup):
     """The stage reads data.beton with FFCV (each rank its block of indices) and labels the same rows."""
     from advcl_dist.data.ffcv_writer import write_beton

@@ -240,6 +240,7 @@ def pca_rank(splits, dim, whiten):
         return pca(pca_data()[splits[rank]:splits[rank + 1]], dim, whiten).numpy()
 
 
+@pytest.mark.distributed
 def test_pca_over_uneven_shards_on_two_ranks_equals_single_process_pca():
     outputs = run_ranks(2, pca_rank, [0, 17, 60], 4, True)
     np.testing.assert_allclose(np.concatenate(outputs), pca(pca_data(), 4, True).numpy(), atol=1e-10)

@@ -10,6 +10,8 @@ from advcl_dist.config import load_config
 from advcl_dist.distributed import DistInfo, distributed_session
 from advcl_dist.engine import CHECKPOINT, Trainer
 
+pytestmark = pytest.mark.distributed
+
 STEPS = 4
 
 

@@ -145,6 +145,7 @@ def _distributed_epochs(path, out):
     (Path(out) / f"rank{dist.rank}.json").write_text(json.dumps(record))
 
 
+@pytest.mark.distributed
 def test_two_ranks_see_every_index_exactly_once_per_epoch_in_ffcvs_distributed_order(tmp_path):
     path = write_beton(random_set(n=60, size=8), tmp_path / "x.beton", workers=1)
     run_ranks(2, _distributed_epochs, str(path), str(tmp_path))

@@ -1,4 +1,5 @@
-"""SLF / ALF / AFF on a tiny pretrained AdvCL encoder; results.json; load_classifier; transfer."""
+"""SLF / ALF / AFF on a tiny pretrained AdvCL encoder, trained by the shared loop; results.json; load_classifier;
+transfer; the step-granular schedule."""
 import json
 
 import numpy as np
@@ -9,9 +10,10 @@ from advcl_dist.config import ConfigError, load_config
 from advcl_dist.data.augment import to_float
 from advcl_dist.engine import Trainer
 from advcl_dist.engine.checkpoint import load_encoder
+from advcl_dist.engine.objective import StepContext
 from advcl_dist.evaluate import load_classifier
-from advcl_dist.finetune import Finetuner, finetune, split_train_val
-from advcl_dist.models import set_plan
+from advcl_dist.finetune import Finetuning, finetune, split_train_val
+from advcl_dist.rng import StepRandom
 from dataset_files import write_stl10
 
 TINY = ["data.name=digits", "data.workers=0", "model.width=4", "model.proj_dim=16", "train.batch_size=256",
@@ -55,8 +57,12 @@ def test_slf_trains_only_the_head_and_writes_results_json(tmp_path, pretrained):
     assert results["checkpoint"] == str((tmp_path / "classifier.pt").resolve())
 
 
+def trainer_of(cfg):
+    return Trainer(cfg, objective=Finetuning(cfg))
+
+
 def test_load_classifier_reproduces_the_finetuned_model_with_the_pgd_bn_branch(tmp_path, pretrained):
-    finetuner = Finetuner(ft_cfg(tmp_path, pretrained, "finetune.mode=slf"))
+    finetuner = trainer_of(ft_cfg(tmp_path, pretrained, "finetune.mode=slf"))
     finetuner.fit()
     loaded = load_classifier(tmp_path / "classifier.pt")
     x = torch.rand(8, 3, 32, 32)
@@ -66,17 +72,15 @@ def test_load_classifier_reproduces_the_finetuned_model_with_the_pgd_bn_branch(t
         # Independent path: the pretrained encoder with its `pgd` BN branch, then the saved head.
         encoder, info = load_encoder(pretrained)
         assert info["branches"] == ["normal", "pgd"]  # no pseudo-labels: no δ_ce, no `pgd_ce` branch
-        set_plan(encoder, (("pgd", 8),))
-        expected = loaded.head(encoder(x))
-        set_plan(encoder, (("normal", 8),))
-        other = loaded.head(encoder(x))
+        expected = loaded.head(encoder(x, (("pgd", 8),)))
+        other = loaded.head(encoder(x, (("normal", 8),)))
     torch.testing.assert_close(loaded(x), expected)
     assert not torch.allclose(expected, other)  # the branch choice matters
 
 
 @pytest.mark.parametrize("mode", ["alf", "aff"])
 def test_alf_and_aff_run_and_train_the_right_parameters(tmp_path, pretrained, mode):
-    finetuner = Finetuner(ft_cfg(tmp_path, pretrained, f"finetune.mode={mode}"))
+    finetuner = trainer_of(ft_cfg(tmp_path, pretrained, f"finetune.mode={mode}"))
     before = state_of(finetuner.model)
     finetuner.fit()
     after = state_of(finetuner.model)
@@ -97,15 +101,30 @@ def test_alf_head_sees_adversarial_examples(tmp_path, pretrained):
     """The ALF loss on a batch is the CE of PGD examples: above the clean CE of the same crop."""
     cfg = ft_cfg(tmp_path, pretrained, "finetune.mode=alf", "attack.supervised_steps=5", "attack.eps=0.1",
                  "attack.step_size=0.02", "attack.random_start=false")
-    alf = Finetuner(cfg)
-    images, labels, _ = next(iter(alf.loader))
-    alf.set_train_mode()
-    state = alf.generator.get_state()
-    adv_loss, _ = alf.step(images, labels)
-    alf.generator.set_state(state)
-    alf.mode = "slf"
-    clean_loss, _ = alf.step(images, labels)  # same crop: the generator replays it
-    assert adv_loss > clean_loss + 0.01
+    alf = trainer_of(cfg)
+    alf.loader.set_epoch(0)
+    images, labels, indices = next(iter(alf.loader))
+    alf.objective.train_mode(alf.model)
+
+    def loss(objective):
+        ctx = StepContext.of_batch(alf.model, images, indices, StepRandom("cpu", 0).reseed(3), labels=labels)
+        return objective.training_step(ctx).loss  # same crop: the step's random source replays it
+
+    adv_loss = loss(alf.objective)
+    alf.objective.mode = "slf"
+    assert adv_loss > loss(alf.objective) + 0.01
+
+
+def test_lr_drops_by_gamma_at_each_milestone_epoch_on_the_step_schedule(tmp_path, pretrained):
+    """MultiStepLR(milestones, gamma) of the authors' loop, on the loop's per-step scheduler."""
+    cfg = ft_cfg(tmp_path, pretrained, "finetune.epochs=4", "finetune.milestones=[1,3]", "finetune.lr=0.05",
+                 "train.log_every=1")
+    finetune(cfg, evaluate_after=False)
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+    steps = 1437 // 256  # whole global batches per epoch
+    for step, lr in lrs.items():
+        epoch = (step - 1) // steps  # the lr logged at step s is the one step s trained with
+        assert lr == pytest.approx(0.05 * 0.1 ** ((epoch >= 1) + (epoch >= 3))), step
 
 
 def test_val_fraction_holds_out_a_disjoint_split_and_selects_on_it(tmp_path, pretrained):
@@ -123,12 +142,13 @@ def test_finished_finetuning_is_not_repeated(tmp_path, pretrained, capsys):
     finetune(cfg, evaluate_after=False)
     assert "already finished" in capsys.readouterr().out
     assert (tmp_path / "classifier.pt").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "run.json").read_text())["stage"] == "finetune"
 
 
 def test_transfer_to_stl10_resizes_to_the_pretraining_size(tmp_path, pretrained):
     write_stl10(tmp_path)
     out = tmp_path / "run"
-    finetune(ft_cfg(out, pretrained, "finetune.dataset=stl10", f"finetune.root={tmp_path}"))
+    finetune(ft_cfg(out, pretrained, "finetune.dataset=stl10", f"finetune.root={tmp_path}", "finetune.batch_size=3"))
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"] == "stl10" and results["n_test"] == 2
     model = load_classifier(out / "classifier.pt")
@@ -137,6 +157,7 @@ def test_transfer_to_stl10_resizes_to_the_pretraining_size(tmp_path, pretrained)
         assert model(to_float(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))).shape == (1, 10)
 
 
+@pytest.mark.integration  # AutoAttack in full on CPU: minutes
 def test_evaluation_with_autoattack_writes_aa_beside_sa_and_ra_of_the_same_images(tmp_path, pretrained):
     # A large ε so that APGD-CE breaks every image and the other three attacks have nothing left to do.
     finetune(ft_cfg(tmp_path, pretrained, "eval.autoattack=true", "eval.aa_n=16", "attack.eps=0.5"))
@@ -150,3 +171,15 @@ def test_evaluation_with_autoattack_writes_aa_beside_sa_and_ra_of_the_same_image
 def test_load_classifier_of_a_pretraining_checkpoint_says_to_finetune_it_first(pretrained):
     with pytest.raises(ConfigError, match="must be finetuned first"):
         load_classifier(pretrained)
+
+
+def test_a_classifier_of_another_architecture_in_out_dir_is_a_clear_error_and_is_kept(tmp_path, pretrained):
+    """Finetuning into a folder whose classifier.pt came from another encoder (width 8, not 4)."""
+    wide = tmp_path / "wide"
+    Trainer(load_config(None, [f"out_dir={wide}", *TINY, "model.width=8"])).fit(stop_after_steps=1)
+    out = tmp_path / "ft"
+    finetune(ft_cfg(out, wide / "checkpoint.pt"), evaluate_after=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r"classifier.pt holds the weights of another network.*another out_dir"):
+        finetune(ft_cfg(out, pretrained), evaluate_after=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

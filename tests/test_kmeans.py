@@ -53,6 +53,7 @@ def _fit_shards(world):
     return out
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_with_uneven_shards_equal_one_process(world):
     ranks = run_ranks(world, _fit_shards, world)

@@ -38,12 +38,10 @@ def test_default_is_the_papers_cifar10_pipeline_chained_with_afterok(capsys, tmp
     assert "name: cifar10" in out and "epochs: 1000" in out and f"out_dir: {tmp_path / 'c10'}" in out
     jobs = sbatch_blocks(out)
     assert list(jobs) == ["simclr", "cluster", "advcl", "advcl-slf", "simclr-slf", "summary"]
-    for name in ("simclr", "cluster", "advcl"):  # multi-rank stages: every GPU of every node
+    for name in ("simclr", "cluster", "advcl", "advcl-slf", "simclr-slf"):  # every stage: every GPU of every node
         assert "#SBATCH --nodes=4" in jobs[name] and "#SBATCH --ntasks-per-node=8" in jobs[name]
         assert "#SBATCH --gpus-per-node=8" in jobs[name]
-    for name in ("advcl-slf", "simclr-slf"):  # finetuning + evaluation run in one process
-        assert "#SBATCH --nodes=1" in jobs[name] and "#SBATCH --ntasks-per-node=1" in jobs[name]
-        assert "#SBATCH --gpus-per-node=1" in jobs[name]
+    assert "#SBATCH --nodes=1" in jobs["summary"] and "gpus-per-node" not in jobs["summary"]
     assert "#SBATCH --dependency='afterok:<simclr>'" in jobs["cluster"]
     assert "#SBATCH --dependency='afterok:<cluster>'" in jobs["advcl"]
     assert "#SBATCH --dependency='afterok:<advcl>'" in jobs["advcl-slf"]
@@ -52,6 +50,15 @@ def test_default_is_the_papers_cifar10_pipeline_chained_with_afterok(capsys, tmp
         assert "#SBATCH --signal=USR2@120" in script and "#SBATCH --requeue" in script
         assert "srun --unbuffered" in script and "submitit.core._submit" in script
     assert not (tmp_path / "c10").exists()  # a dry run writes nothing
+
+
+def test_nodes_per_kind_of_stage_come_from_the_config(capsys, tmp_path):
+    out = dry_run(capsys, "--nodes", "4", "--output", str(tmp_path / "c10"), "launch.finetune_nodes=2",
+                  "launch.cluster_nodes=1")
+    jobs = sbatch_blocks(out)
+    assert "#SBATCH --nodes=4" in jobs["advcl"] and "#SBATCH --nodes=1" in jobs["cluster"]
+    for name in ("advcl-slf", "simclr-slf"):
+        assert "#SBATCH --nodes=2" in jobs[name] and "#SBATCH --ntasks-per-node=8" in jobs[name]
 
 
 def test_cluster_options_reach_sbatch(capsys, tmp_path):
@@ -168,6 +175,7 @@ def _agree(flag_rank: int, flag_step: int, steps: int) -> list[tuple[int, bool]]
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_ranks_stop_at_the_same_step_boundary():
     traces = run_ranks(2, _agree, 1, 3, 10)
     assert traces[0] == traces[1]  # same boundaries, same decision

@@ -1,7 +1,8 @@
 """tools/submit.py on a real SLURM cluster: two slurmd nodes on this machine (slurm/local/start.sh).
 
 Pretraining on 2 nodes, a job signalled for its time limit (requeued, resumed), the chained
-pipeline, a sweep as job arrays + tools/report.py, and `--cluster local` without SLURM.
+pipeline with every stage (finetuning and evaluation too) as a 2-node job, a sweep as job arrays +
+tools/report.py, and `--cluster local` without SLURM.
 """
 import json
 import os
@@ -13,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slurm
+
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 PRETRAIN = ["train.epochs=3", "train.log_every=1", "train.ckpt_every=5"]  # 33 steps on the demo data
 TINY = ["model.width=4", "model.proj_dim=16", "train.batch_size=256", "train.epochs=1", "optim.warmup_epochs=0",
         "attack.steps=1", "pseudo.ks=[2,10]", "finetune.epochs=1", "finetune.batch_size=256", "attack.eval_steps=1",
-        "eval.autoattack=false", "eval.batch_size=360", "pipeline.finetune=[slf]", "pipeline.baselines=[simclr]"]
+        "eval.autoattack=false", "eval.batch_size=120", "pipeline.finetune=[slf]", "pipeline.baselines=[simclr]"]
 NODES = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--timeout", "20"]
 
 
@@ -148,9 +151,13 @@ def test_pipeline_runs_as_chained_jobs_to_results(pipeline_run):
         run = json.loads((out / stage / "run.json").read_text())
         assert run["world_size"] == 2 and run["nodes"] == ["node1", "node2"] and run["finished"] is True
     assert json.loads((out / "cluster" / "clusters.json").read_text())["world_size"] == 2
-    for stage in ("advcl-slf", "simclr-slf"):
+    for stage in ("advcl-slf", "simclr-slf"):  # finetuning and its evaluation: one job on both nodes
+        run = json.loads((out / stage / "run.json").read_text())
+        assert run["stage"] == "finetune" and run["world_size"] == 2 and run["nodes"] == ["node1", "node2"]
+        assert run["finished"] is True and run["launcher"] == "slurm"
         result = json.loads((out / stage / "results.json").read_text())
         assert result["dataset"] == "digits" and result["n_test"] == 360 and 0 <= result["RA"] <= result["SA"]
+        assert result["world_size"] == 2  # 3 evaluation blocks of 120 images over 2 ranks
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert [(r["method"], r["finetune"]) for r in rows] == [("advcl", "slf"), ("simclr", "slf")]
 

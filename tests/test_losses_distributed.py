@@ -1,10 +1,13 @@
 """`multiview_nt_xent(gather=True)` over 2 gloo processes == the loss on the concatenated batch."""
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from advcl_dist.distributed import free_port
 from advcl_dist.losses import multiview_nt_xent
+
+pytestmark = pytest.mark.distributed
 
 B, V, D, WORLD = 3, 4, 8, 2
 

@@ -6,6 +6,8 @@ import pytest
 from advcl_dist import pipeline
 from advcl_dist.config import load_config
 
+pytestmark = pytest.mark.integration
+
 TINY = ["data.name=digits", "data.workers=0", "model.width=4", "model.proj_dim=16", "train.batch_size=256",
         "train.epochs=1", "optim.warmup_epochs=0", "attack.steps=1", "pseudo.ks=[2,10]", "finetune.epochs=1",
         "finetune.batch_size=256", "attack.eval_steps=1", "eval.autoattack=false", "eval.batch_size=360",
@@ -24,14 +26,28 @@ def test_stages_and_their_order(tmp_path):
                      "simclr-aff", "supervised_at-slf", "supervised_at-aff"]
 
 
+def test_stages_follow_what_the_methods_declare_they_need(tmp_path):
+    """No method that needs pseudo-labels: no f_pre and no clustering stage; f_pre is configurable."""
+    cfg = load_config(None, [f"out_dir={tmp_path}", *TINY, "train.method=simclr",
+                             "pipeline.baselines=[supervised_at]"])
+    assert [s.name for s in pipeline.plan_stages(cfg)] == ["simclr", "supervised_at", "simclr-slf",
+                                                            "supervised_at-slf"]
+    cfg = load_config(None, [f"out_dir={tmp_path}", *TINY, "pipeline.baselines=[]",
+                             "pipeline.fpre_method=supervised_at"])
+    stages = pipeline.plan_stages(cfg)
+    assert [s.name for s in stages] == ["supervised_at", "cluster", "advcl", "advcl-slf"]
+    assert stages[1].values["pseudo.fpre"] == str(tmp_path / "supervised_at" / "checkpoint.pt")
+    assert stages[2].needs == ("cluster",) and stages[1].needs == ("supervised_at",)
+
+
 def test_skips_finished_stages_and_reruns_a_failed_one(tmp_path, monkeypatch, capsys):
     cfg = load_config(None, [f"out_dir={tmp_path}", *TINY])
     real_finetune = pipeline.finetune
 
-    def failing(stage_cfg):
+    def failing(stage_cfg, stop=None):
         if stage_cfg.out_dir.endswith("simclr-slf"):
             raise Boom("injected failure")
-        return real_finetune(stage_cfg)
+        return real_finetune(stage_cfg, stop=stop)
 
     monkeypatch.setattr(pipeline, "finetune", failing)
     with pytest.raises(Boom):

@@ -7,6 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.name=digits", "model.width=4", "model.proj_dim=16", "train.batch_size=256", "train.epochs=1",
         "optim.warmup_epochs=0", "attack.steps=1", "train.log_every=2"]

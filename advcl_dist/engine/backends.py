@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import DistInfo, barrier
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 
 
 class TorchEngine:
@@ -53,7 +53,7 @@ class TorchEngine:
         if "optimizer" not in state:
             raise RuntimeError(f"{path} was written by train.engine={state.get('engine')}; resume it with that "
                                "engine or start a new out_dir")
-        self.module.load_state_dict(state["model"])
+        load_weights(self.module, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         return state
@@ -142,6 +142,7 @@ class DeepSpeedEngine:
         if self.zero_stage > 0 and state.get("world_size") != self.dist.world_size:
             raise RuntimeError(f"{path}: ZeRO-{self.zero_stage} state was sharded over {state.get('world_size')} "
                                f"ranks and cannot be resumed on {self.dist.world_size}; use that many ranks")
+        load_weights(self.module, state["model"], path)  # the same check, and a clear error, before DeepSpeed's
         loaded, _ = self.model.load_checkpoint(str(path.parent / "deepspeed"), tag=tag)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed checkpoint {path.parent / 'deepspeed' / tag} is missing; "

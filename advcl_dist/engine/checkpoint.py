@@ -21,6 +21,19 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
         raise RuntimeError(f"checkpoint {path} cannot be read ({e}); move it away to start afresh") from e
 
 
+def load_weights(module: nn.Module, weights: dict, path: Path) -> None:
+    """`module.load_state_dict(weights)`, or one clear error when `path` holds another network's weights."""
+    from ..config import ConfigError
+
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise ConfigError(f"{path} holds the weights of another network than this config builds ({detail}); "
+                          f"it was written by another run: use another out_dir, or move {path} away to start "
+                          "afresh") from None
+
+
 def load_encoder(path: str | Path, device: torch.device | str = "cpu", state: dict | None = None
                  ) -> tuple[nn.Module, dict]:
     """The encoder of a pretraining checkpoint, rebuilt from what the checkpoint itself records.

@@ -79,6 +79,7 @@ class Trainer:
         # views do not depend on the number of ranks (see rng.StepRandom).
         self.random = StepRandom(self.device, t.seed, self.dist.rank, world)
         self.step = 0
+        self.lr = optimizer.param_groups[0]["lr"]
         self.stopped_by_signal = False
         self.run = RunFolder(self.out, s.stage, self.dist)
 
@@ -177,6 +178,7 @@ class Trainer:
         ctx = self.context(images, labels, indices)
         with autocast_for(self.cfg, self.device):
             out = self.objective.training_step(ctx)
+        self.lr = self.engine.lr  # what this step trains with (logged with it)
         self.engine.update(out.loss)
         self.objective.after_optimizer_step(ctx)
         self.step += 1
@@ -201,7 +203,7 @@ class Trainer:
                 epoch_done = self.step % self.steps_per_epoch == 0
                 record = None
                 if self.step % t.log_every == 0 or self.step % t.ckpt_every == 0 or self.step == last or epoch_done:
-                    record = logger.flush(self.step, epoch, engine.lr)
+                    record = logger.flush(self.step, epoch, self.lr)
                 if epoch_done:
                     # e.g. validation; before the checkpoint, so that it records the hook's result
                     self.objective.on_epoch_end(self._epoch_context(epoch + 1))
@@ -216,7 +218,7 @@ class Trainer:
                 if stop is not None and stop.agreed():
                     # The launcher's warning signal (time limit / preemption): keep every finished step.
                     if not saved:
-                        logger.flush(self.step, epoch, engine.lr)
+                        logger.flush(self.step, epoch, self.lr)
                         self.save()
                     self.stopped_by_signal = True
                     self.log(f"stopped at step {self.step} of {self.total_steps} on the launcher's signal; "
