@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from .config import ConfigError
 from .data.loader import ordered_batches, subset
-from .distributed import DistInfo, barrier, gather_shards
+from .distributed import DistInfo, gather_shards
 from .run_folder import read_json, save_array, write_json
 
 CACHE = "eval_cache"
@@ -61,9 +61,16 @@ class FlagCache:
 
     def __init__(self, folder: Path, key: dict, dist_info: DistInfo, log: Callable[[str], None]):
         self.folder, self.key, self.dist, self.log = Path(folder), key, dist_info, log
+        error = [None]
         if dist_info.is_main:
-            self._claim()
-        barrier()
+            try:
+                self._claim()
+            except ConfigError as e:
+                error = [str(e)]
+        if dist_info.world_size > 1:  # every rank raises rank 0's error, none waits for the others
+            dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise ConfigError(error[0])
 
     def _claim(self) -> None:
         key_path = self.folder / "key.json"

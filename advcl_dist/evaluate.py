@@ -135,16 +135,17 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopReques
         source = image_source(data)
         n = len(source)
         aa_n = min(e.aa_n or n, n) if e.autoattack else 0
-        run = RunFolder(out, "evaluate", info) if record_run else None
-        if run is not None:
-            run.start(to_yaml(cfg), {"restart": True} if (out / CACHE).is_dir() else None)
         log(f"{meta['method']} + {meta['finetune'].upper()} on {meta['dataset']} test ({n} images) on "
             f"{info.world_size} rank(s): SA, RA (PGD-{a.eval_steps}, ε={a.eps * 255:.3g}/255)"
             + (f", AA on the first {aa_n}" if aa_n else ""))
         key = {"classifier": str(path.resolve()), "sha256": file_sha256(path), "dataset": meta["dataset"],
                "split": "test", "n": n, "beton": e.beton, "image_size": meta["image_size"], "eps": a.eps,
                "step_size": a.step_size, "pgd_steps": a.eval_steps, "seed": e.seed, "block": e.batch_size}
-        cache = FlagCache(out / CACHE, key, info, log)
+        restart = (out / CACHE).is_dir()
+        cache = FlagCache(out / CACHE, key, info, log)  # refuses another classifier's folder before anything is written
+        run = RunFolder(out, "evaluate", info) if record_run else None
+        if run is not None:
+            run.start(to_yaml(cfg), {"restart": True} if restart else None)
         t0 = time.perf_counter()
         common = dict(source=source, block_size=e.batch_size, image_size=meta["image_size"], dist_info=info,
                       cache=cache, stop=stop, log=log)

@@ -19,6 +19,7 @@ from advcl_dist.rng import StepRandom
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.integration
 def test_kmeans_bench_small(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "kmeans", "--rows", "3000", "--dim", "8",
                           "--centres", "6", "--ks", "2", "6", "--iters", "5", "--procs", "1", "2",
@@ -39,6 +40,7 @@ def test_kmeans_bench_small(tmp_path):
     assert len(list(tmp_path.glob("kmeans-3000x8-*.npy"))) == 1
 
 
+@pytest.mark.integration
 def test_loader_bench_small(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "loader", "--images", "64", "--size", "32",
                           "--batch-size", "16", "--warmup", "2", "--workers", "1", "--device", "cpu",
@@ -56,6 +58,7 @@ def test_loader_bench_small(tmp_path):
     assert {p.name for p in (tmp_path / "loader-64-32-0").iterdir()} >= {"images.npy", "labels.npy", "data.beton"}
 
 
+@pytest.mark.integration
 def test_step_bench_small(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "step", "--width", "4", "--size", "32",
                           "--batch", "8", "--steps", "2", "--warmup", "1", "--attack-steps", "2", "--device", "cpu",
@@ -150,3 +153,46 @@ def test_step_bench_refuses_an_output_it_cannot_write_before_timing(tmp_path):
                               option, str(value)], capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and f"{option} {value}: {message}" in res.stderr
         assert "ms/step" not in res.stdout  # nothing was timed
+
+
+@pytest.mark.integration
+def test_eval_bench_small(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "eval", "--procs", "1", "2",
+                          "--threads-total", "2", "--width", "4", "--train-steps", "5", "--images", "40",
+                          "--aa-images", "8", "--batch", "20", "--aa-batch", "4", "--pgd-steps", "2",
+                          "--cache", str(tmp_path), "--json", str(tmp_path / "eval.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report == json.loads((tmp_path / "eval.json").read_text())
+    assert report["bench"] == "eval" and report["threads_total"] == 2 and report["reference_procs"] == 1
+    assert report["settings"]["images"] == 40 and report["settings"]["aa_images"] == 8
+    assert report["classifier"]["train_steps"] == 5 and 0 <= report["classifier"]["test_accuracy"] <= 100
+    assert list(report["runs"]) == ["1p", "2p"]
+    for procs, run in zip((1, 2), report["runs"].values()):
+        assert (run["procs"], run["threads"]) == (procs, 2 // procs)
+        assert run["pgd_images_per_s"] > 0 and run["aa_images_per_s"] > 0 and run["wall_s"] >= run["eval_s"] > 0
+        assert len(run["busy_pgd_s"]) == len(run["busy_aa_s"]) == procs
+        assert len(run["flags"]["pgd"]) == 2 and len(run["flags"]["pgd"][0]) == 40 and len(run["flags"]["aa"]) == 8
+        assert run["same_flags_as_1p"] is True  # the evaluation does not depend on the number of ranks
+    assert "| 2 × 1 |" in res.stdout and "flags = 1 process(es)" in res.stdout
+    assert len(list(tmp_path.glob("eval-classifier-r18w4-ce5-s0.pt"))) == 1
+
+
+@pytest.mark.integration
+def test_finetune_bench_small(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "finetune", "--modes", "slf", "aff",
+                          "--width", "4", "--batch", "32", "--steps", "2", "--warmup", "1", "--attack-steps", "2",
+                          "--cache", str(tmp_path), "--json", str(tmp_path / "finetune.json")],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # tiny ops: threads only wait on each other
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report == json.loads((tmp_path / "finetune.json").read_text())
+    assert report["bench"] == "finetune" and report["args"]["batch"] == 32 and report["config"]["attack_steps"] == 2
+    assert list(report["modes"]) == ["slf", "aff"]
+    for run in report["modes"].values():
+        assert run["images_per_s"] > 0 and len(run["step_ms"]) == 2 and run["load_ms_per_batch"] >= 0
+        assert run["steps_per_epoch"] == 1437 // 32
+    assert Path(report["pretrained"]) == tmp_path / "ft-pretrain-advcl-r18w4-s0" / "checkpoint.pt"
+    assert Path(report["pretrained"]).is_file() and "| aff |" in res.stdout

@@ -37,6 +37,7 @@ def crash_at(step):
     return on_step
 
 
+@pytest.mark.integration
 def test_resume_after_a_crash_continues_with_the_same_losses(tmp_path, capsys):
     """Checkpoint at step 8, crash at step 10 (in epoch 2), resume: steps 9.. match an uninterrupted run."""
     Trainer(tiny_cfg(tmp_path / "straight", "train.ckpt_every=100")).fit(stop_after_steps=14)

@@ -197,6 +197,7 @@ def test_training_data_picks_ffcv_for_a_beton_and_checks_it(tmp_path, monkeypatc
         training_data(cfg.data, 32, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
 
 
+@pytest.mark.integration
 def test_write_ffcv_tool_writes_the_dataset_and_a_description(tmp_path):
     out = tmp_path / "d.beton"
     run = subprocess.run([sys.executable, "tools/write_ffcv.py", "--dataset", "digits", "--split", "test",
@@ -210,6 +211,7 @@ def test_write_ffcv_tool_writes_the_dataset_and_a_description(tmp_path):
     assert bad.returncode != 0 and "--root" in bad.stderr and not (tmp_path / "c.beton").exists()
 
 
+@pytest.mark.integration
 def test_pretraining_from_a_beton_resumed_mid_epoch_matches_the_torchvision_run(tmp_path, capsys):
     """Same batches, so the same losses: 14 steps cross an epoch boundary (11 steps per epoch), and the
     FFCV run crashes at step 10 and resumes from its step-8 checkpoint, in the middle of the first epoch."""

@@ -390,8 +390,6 @@ def test_another_classifiers_cache_is_refused_and_left_untouched(tmp_path, class
                                                                   for p, b in before.items()}
 
 
-@pytest.mark.xfail(strict=True, reason="package bug: evaluate() writes run.json and config.yaml (RunFolder.start) "
-                   "before FlagCache refuses the folder, so the finished evaluation reads as unfinished afterwards")
 def test_a_refused_evaluation_leaves_the_run_record_of_the_finished_one_alone(tmp_path, classifier, clean_eval):
     out, refused = refuse_another_classifier(tmp_path, classifier, clean_eval)
     assert refused.returncode == 2

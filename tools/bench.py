@@ -10,11 +10,18 @@
   step     one AdvCL training step (views + both PGD attacks + update): the authors' one-forward-per-view
            reference, ours in fp32 and bf16 (and torch.compile), and a supervised step as the yardstick:
            python tools/bench.py step --arch resnet18 --batch auto --compile --json step.json
+  eval     sharded evaluation images/s, PGD-20 and AutoAttack standard, on 1 vs N processes sharing the cores,
+           of a ResNet-18 digits classifier trained first (cached under --cache); checks the flags are the same:
+           python tools/bench.py eval --procs 1 2 --threads-total 2 --json eval.json
+  finetune SLF / AFF step images/s on the shared training loop (Trainer.train_step), one process, from a tiny
+           AdvCL encoder pretrained on the fly (cached under --cache); data loading not timed:
+           python tools/bench.py finetune --modes slf aff --batch 128 --steps 20 --json finetune.json
 """
 import argparse
+import os
 import sys
 
-from advcl_dist.bench import kmeans, loader, step
+from advcl_dist.bench import kmeans, loader, stages, step
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,6 +68,35 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--json", help="also write the JSON report to this file")
     st.add_argument("--profile", metavar="DIR", help="also profile each mode (torch.profiler): a trace and an op "
                     "table per mode in DIR, the share of time per kind of operation in the report")
+    ev = sub.add_parser("eval", help="sharded evaluation (PGD, AutoAttack) images/s on 1 vs N processes")
+    ev.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts (gloo ranks)")
+    ev.add_argument("--threads-total", type=int, default=len(os.sched_getaffinity(0)),
+                    help="threads of all processes together, split evenly (default: every core)")
+    ev.add_argument("--width", type=int, default=16, help="first-stage channels of the CIFAR ResNet-18")
+    ev.add_argument("--train-steps", type=int, default=200,
+                    help="plain cross-entropy steps (batch 128) training the classifier before it is attacked")
+    ev.add_argument("--images", type=int, help="PGD on the first this many digits test images (default: all 360)")
+    ev.add_argument("--aa-images", type=int, default=40, help="AutoAttack on the first this many")
+    ev.add_argument("--batch", type=int, default=60, help="evaluation block (eval.batch_size) of PGD")
+    ev.add_argument("--aa-batch", type=int, default=20, help="evaluation block of AutoAttack (0: --batch); the "
+                    "default splits the 40 images into 2 blocks, so that 2 processes both have AutoAttack work")
+    ev.add_argument("--pgd-steps", type=int, default=20, help="as attack.eval_steps")
+    ev.add_argument("--eps", type=float, help="L∞ radius (default: attack.eps, 8/255)")
+    ev.add_argument("--step-size", type=float, help="PGD step (default: attack.step_size, 2/255)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--cache", default=".cache/bench", help="where the trained classifier is kept")
+    ev.add_argument("--json", help="also write the JSON report to this file")
+    ft = sub.add_parser("finetune", help="SLF / AFF step images/s on the shared training loop")
+    ft.add_argument("--modes", nargs="+", choices=stages.FT_MODES, default=["slf", "aff"])
+    ft.add_argument("--width", type=int, default=16, help="first-stage channels of the pretrained ResNet-18")
+    ft.add_argument("--batch", type=int, default=128, help="finetune.batch_size")
+    ft.add_argument("--attack-steps", type=int, default=10, help="attack.supervised_steps (PGD inside ALF / AFF)")
+    ft.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    ft.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    ft.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--cache", default=".cache/bench", help="where the pretrained encoder is kept")
+    ft.add_argument("--json", help="also write the JSON report to this file")
     return p
 
 
@@ -70,4 +106,6 @@ def _batch(value: str):
 
 if __name__ == "__main__":
     args = parser().parse_args()
-    sys.exit({"kmeans": kmeans.main, "loader": loader.main, "step": step.main}[args.bench](args) and 0)
+    mains = {"kmeans": kmeans.main, "loader": loader.main, "step": step.main, "eval": stages.eval_main,
+             "finetune": stages.finetune_main}
+    sys.exit(mains[args.bench](args) and 0)

@@ -1,0 +1,303 @@
+"""`tools/bench.py eval` and `tools/bench.py finetune`: the evaluation and finetuning stages, timed.
+
+eval      images/s of the sharded evaluation (eval_blocks.sharded_flags): PGD (`evaluate.pgd_block`, PGD-20 by
+          default) over the digits test images and AutoAttack "standard" (`evaluate.autoattack_block`) over the
+          first --aa-images, on 1 and N gloo processes sharing the same cores (--threads-total split evenly).
+          The classifier is a CIFAR ResNet-18 (`Classifier` over one `normal` BN branch) trained first, in this
+          process, with plain cross-entropy on the digits train split (cached under --cache): accurate on clean
+          images, so that both attacks have correct images to work on. Each rank loads it, runs one untimed
+          forward, then the clock runs from a barrier to a barrier around each attack (data decoding included,
+          process start-up and model loading not; `wall_s` is the whole launch). The per-image flags of every
+          process count are compared with those of 1 process: the evaluation is rank-invariant by design.
+finetune  step images/s of SLF and AFF on the shared loop (`Trainer(cfg, objective=Finetuning(cfg)).train_step`),
+          one process, on the digits train split, from a tiny AdvCL encoder pretrained on the fly (one epoch of 5
+          steps, cached under --cache). The loader's batches are read before the clock starts: the time is the
+          step alone (views, attack, forward, backward, SGD), not data loading (reported beside it).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import load_config
+from ..data import get_dataset
+from ..data.augment import to_float
+from ..distributed import barrier, distributed_session, run_local_ranks
+from ..engine.checkpoint import load_checkpoint, save_checkpoint
+from ..eval_blocks import sharded_flags
+from ..evaluate import autoattack_block, pgd_block
+from ..models import BACKBONES, Classifier
+
+FT_MODES = ("slf", "alf", "aff")
+IMAGE_SIZE = 32  # digits
+PRETRAIN_BATCH = 256  # one epoch of the 1437 digits train images: 5 steps
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _write(report: dict, json_path: str | None) -> None:
+    line = json.dumps(report)
+    if json_path:
+        Path(json_path).write_text(line + "\n")
+    print(line)
+
+
+def _check_json(path: str | None) -> None:
+    if path and not Path(path).resolve().parent.is_dir():
+        raise SystemExit(f"--json {path}: its folder does not exist")
+
+
+# -- eval ------------------------------------------------------------------------------------------
+def _classifier(width: int) -> Classifier:
+    return Classifier(BACKBONES["resnet18"](width, ("normal",)), 10, branch="normal")
+
+
+def _accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(to_float(x)).argmax(1) for x in images.split(256)])
+    return round(100.0 * (pred == labels).float().mean().item(), 2)
+
+
+def eval_classifier(width: int, steps: int, seed: int, cache: Path) -> tuple[Path, dict]:
+    """A digits classifier trained with `steps` SGD steps of plain cross-entropy (batch 128, no augmentation),
+    cached as `eval-classifier-*.pt` ({"model", "facts"}); its path and facts (accuracies, training time)."""
+    path = Path(cache) / f"eval-classifier-r18w{width}-ce{steps}-s{seed}.pt"
+    if path.is_file():
+        return path, load_checkpoint(path)["facts"]
+    train, test = get_dataset("digits", "train"), get_dataset("digits", "test")
+    torch.manual_seed(seed)
+    model = _classifier(width)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(seed)
+    order, start, batch = torch.randperm(len(train), generator=g), 0, 128
+    t0 = time.perf_counter()
+    model.train()
+    for _ in range(steps):
+        if start + batch > len(order):
+            order, start = torch.randperm(len(train), generator=g), 0
+        idx = order[start:start + batch]
+        start += batch
+        loss = F.cross_entropy(model(to_float(train.images[idx])), train.labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    facts = {"arch": "resnet18", "width": width, "train_steps": steps, "train_batch": batch, "seed": seed,
+             "train_seconds": round(time.perf_counter() - t0, 1),
+             "train_accuracy": _accuracy(model, train.images, train.labels),
+             "test_accuracy": _accuracy(model, test.images, test.labels)}
+    save_checkpoint({"model": model.state_dict(), "facts": facts}, path)
+    return path, facts
+
+
+def _eval_rank(state_path: str, s: dict) -> dict:
+    """One rank: PGD then AutoAttack over its share of the blocks, each between two barriers."""
+    with distributed_session("cpu") as info:
+        model = _classifier(s["width"])
+        model.load_state_dict(load_checkpoint(Path(state_path))["model"])
+        model.eval()
+        source = get_dataset("digits", "test")
+        with torch.no_grad():  # untimed: first-call allocations
+            model(torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE))
+        quiet = lambda _: None  # noqa: E731
+        barrier()
+        t0 = time.perf_counter()
+        pgd = sharded_flags("pgd", pgd_block(model, s["eps"], s["step_size"], s["pgd_steps"], s["seed"]), 2, source,
+                            range(s["images"]), s["batch"], IMAGE_SIZE, info, log=quiet)
+        own_pgd = time.perf_counter() - t0  # this rank's blocks; the gather waits for the slowest rank
+        barrier()
+        t1 = time.perf_counter()
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):  # AutoAttack's progress lines
+            aa = sharded_flags("autoattack", autoattack_block(model, s["eps"], s["seed"]), 1, source,
+                               range(s["aa_images"]), s["aa_batch"], IMAGE_SIZE, info, log=quiet)
+        own_aa = time.perf_counter() - t1
+        barrier()
+        t2 = time.perf_counter()
+        rank, world = info.rank, info.world_size
+    out = {"rank": rank, "own_pgd_s": own_pgd, "own_aa_s": own_aa}
+    if rank == 0:
+        out.update(world=world, pgd_s=t1 - t0, aa_s=t2 - t1, pgd_flags=pgd.tolist(), aa_flags=aa[0].tolist(),
+                   aa_log=log.getvalue().splitlines()[-12:])
+    return out
+
+
+def run_eval(state_path: Path, procs: int, threads_total: int, settings: dict) -> dict:
+    threads = max(1, threads_total // procs)
+    start = time.perf_counter()
+    ranks = run_local_ranks(procs, _eval_rank, str(state_path), settings, threads=threads)
+    wall = time.perf_counter() - start
+    r = ranks[0]
+    pgd, aa = np.array(r["pgd_flags"], dtype=np.uint8), np.array(r["aa_flags"], dtype=np.uint8)
+    return {"procs": procs, "threads": threads, "pgd_s": r["pgd_s"], "aa_s": r["aa_s"],
+            "pgd_images_per_s": settings["images"] / r["pgd_s"], "aa_images_per_s": settings["aa_images"] / r["aa_s"],
+            "eval_s": r["pgd_s"] + r["aa_s"], "wall_s": wall,
+            "busy_pgd_s": [round(x["own_pgd_s"], 3) for x in ranks],
+            "busy_aa_s": [round(x["own_aa_s"], 3) for x in ranks],
+            "SA": round(100 * pgd[0].mean(), 2), "RA": round(100 * pgd[1].mean(), 2),
+            "AA": round(100 * aa.mean(), 2) if aa.size else None,
+            "flags": {"pgd": pgd, "aa": aa}, "aa_log": r["aa_log"]}
+
+
+def eval_main(args) -> dict:
+    _check_json(args.json)
+    attack = load_config(None, []).attack
+    n_test = len(get_dataset("digits", "test"))
+    images = min(args.images or n_test, n_test)
+    aa_images = min(args.aa_images, images)
+    settings = {"width": args.width, "images": images, "aa_images": aa_images, "batch": args.batch,
+                "aa_batch": args.aa_batch or args.batch, "pgd_steps": args.pgd_steps,
+                "eps": args.eps if args.eps is not None else attack.eps,
+                "step_size": args.step_size if args.step_size is not None else attack.step_size, "seed": args.seed}
+    torch.set_num_threads(args.threads_total)
+    path, facts = eval_classifier(args.width, args.train_steps, args.seed, Path(args.cache))
+    blocks = math.ceil(images / settings["batch"]), math.ceil(aa_images / settings["aa_batch"])
+    print(f"classifier {path}: ResNet-18 width {args.width}, {facts['train_steps']} CE steps, train accuracy "
+          f"{facts['train_accuracy']}%, test accuracy {facts['test_accuracy']}%", flush=True)
+    print(f"PGD-{settings['pgd_steps']} on {images} digits test images ({blocks[0]} blocks of ≤ {settings['batch']}), "
+          f"AutoAttack standard on the first {aa_images} ({blocks[1]} blocks of ≤ {settings['aa_batch']}), "
+          f"ε = {settings['eps'] * 255:.3g}/255; {_cores()} cores, {args.threads_total} threads in all", flush=True)
+    for procs in args.procs:
+        if blocks[1] < procs:
+            print(f"note: {blocks[1]} AutoAttack block(s) for {procs} processes: some ranks have no AutoAttack work",
+                  flush=True)
+    runs = {}
+    for procs in args.procs:
+        runs[f"{procs}p"] = run = run_eval(path, procs, args.threads_total, settings)
+        print(f"{procs} process(es) × {run['threads']} thread(s): PGD {run['pgd_s']:.1f} s, AA {run['aa_s']:.1f} s",
+              flush=True)
+    reference = runs.get("1p") or next(iter(runs.values()))
+    for run in runs.values():
+        run["same_flags_as_1p"] = bool(all(np.array_equal(run["flags"][k], reference["flags"][k])
+                                           for k in ("pgd", "aa")))
+    for run in runs.values():
+        run["flags"] = {k: v.tolist() for k, v in run["flags"].items()}
+    report = {"bench": "eval", "device": "cpu", "cores": _cores(), "torch": torch.__version__,
+              "threads_total": args.threads_total, "reference_procs": reference["procs"], "classifier": facts,
+              "args": {k: v for k, v in vars(args).items() if k != "bench"}, "settings": settings, "runs": runs}
+    print(eval_table(report))
+    _write(report, args.json)
+    return report
+
+
+def eval_table(report: dict) -> str:
+    s = report["settings"]
+    ref = report["reference_procs"]
+    lines = [f"| processes × threads | PGD-{s['pgd_steps']} s | PGD-{s['pgd_steps']} images/s | AA s | AA images/s "
+             f"| eval s | wall s (with start-up) | SA / RA / AA % | flags = {ref} process(es) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for run in report["runs"].values():
+        lines.append(f"| {run['procs']} × {run['threads']} | {run['pgd_s']:.2f} | {run['pgd_images_per_s']:.1f} | "
+                     f"{run['aa_s']:.2f} | {run['aa_images_per_s']:.2f} | {run['eval_s']:.2f} | {run['wall_s']:.1f} | "
+                     f"{run['SA']:.1f} / {run['RA']:.1f} / {run['AA'] if run['AA'] is not None else '–'} | "
+                     f"{'yes' if run['same_flags_as_1p'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+# -- finetune --------------------------------------------------------------------------------------
+def pretrained_encoder(width: int, seed: int, cache: Path) -> Path:
+    """One epoch (5 steps of 256) of AdvCL on digits without pseudo-labels, width `width`; cached."""
+    from ..engine import Trainer
+
+    out = Path(cache) / f"ft-pretrain-advcl-r18w{width}-s{seed}"
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.is_file() and load_checkpoint(checkpoint).get("finished"):
+        return checkpoint
+    with contextlib.redirect_stdout(io.StringIO()):
+        Trainer(load_config(None, pretrain_overrides(out, width, seed))).fit()
+    return checkpoint
+
+
+def pretrain_overrides(out: Path, width: int, seed: int) -> list[str]:
+    return [f"out_dir={out}", "data.name=digits", "data.workers=0", "train.device=cpu", f"model.width={width}",
+            f"train.batch_size={PRETRAIN_BATCH}", "train.epochs=1", "optim.warmup_epochs=0", "attack.steps=1",
+            f"train.seed={seed}"]
+
+
+def finetune_overrides(out: Path, checkpoint: Path, mode: str, batch: int, attack_steps: int, epochs: int,
+                       seed: int) -> list[str]:
+    return [f"out_dir={out}", "data.name=digits", "data.workers=0", "train.device=cpu",
+            f"finetune.checkpoint={checkpoint}", f"finetune.mode={mode}", f"finetune.batch_size={batch}",
+            f"finetune.epochs={epochs}", f"attack.supervised_steps={attack_steps}", f"train.seed={seed}"]
+
+
+def run_finetune_mode(mode: str, checkpoint: Path, args) -> dict:
+    from ..engine import Trainer
+    from ..finetune import Finetuning
+
+    n = args.warmup + args.steps
+    epochs = math.ceil(n / max(1, len(get_dataset("digits", "train")) // args.batch)) + 1
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(None, finetune_overrides(Path(out), checkpoint, mode, args.batch, args.attack_steps, epochs,
+                                                   args.seed))
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer = Trainer(cfg, objective=Finetuning(cfg))
+        # The batches, read before the clock starts, epoch after epoch as the loop reads them.
+        batches, epoch, t0 = [], 0, time.perf_counter()
+        while len(batches) < n:
+            trainer.loader.set_epoch(epoch)
+            for batch in trainer.loader:
+                batches.append(batch)
+                if len(batches) == n:
+                    break
+            epoch += 1
+        load_ms = (time.perf_counter() - t0) / n * 1e3
+        trainer.objective.train_mode(trainer.engine.module)
+        times = []
+        for i, batch in enumerate(batches):
+            if i and i % trainer.steps_per_epoch == 0:
+                trainer.objective.train_mode(trainer.engine.module)  # as the loop does at each epoch
+            start = time.perf_counter()
+            metrics = trainer.train_step(*batch)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+        loss = float(metrics["loss"])
+    seconds = statistics.median(times)
+    return {"images_per_s": args.batch / seconds, "ms_per_step": seconds * 1e3,
+            "mean_ms_per_step": statistics.fmean(times) * 1e3, "step_ms": [round(t * 1e3, 2) for t in times],
+            "load_ms_per_batch": load_ms, "last_loss": loss, "steps_per_epoch": trainer.steps_per_epoch}
+
+
+def finetune_main(args) -> dict:
+    _check_json(args.json)
+    torch.set_num_threads(args.threads or _cores())
+    checkpoint = pretrained_encoder(args.width, args.seed, Path(args.cache))
+    cfg = load_config(None, [])
+    print(f"finetuning on the shared loop: encoder {checkpoint} (AdvCL, ResNet-18 width {args.width}), digits, "
+          f"batch {args.batch}, PGD-{args.attack_steps} in ALF/AFF, {args.warmup} warm-up + {args.steps} timed steps, "
+          f"1 process × {torch.get_num_threads()} threads ({_cores()} cores)", flush=True)
+    modes = {}
+    for mode in dict.fromkeys(args.modes):
+        modes[mode] = run = run_finetune_mode(mode, checkpoint, args)
+        print(f"{mode}: {run['ms_per_step']:.1f} ms/step", flush=True)
+    report = {"bench": "finetune", "device": "cpu", "cores": _cores(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "pretrained": str(checkpoint),
+              "args": {k: v for k, v in vars(args).items() if k != "bench"},
+              "config": {"eps": cfg.attack.eps, "step_size": cfg.attack.step_size, "attack_steps": args.attack_steps,
+                         "trades_beta": cfg.finetune.trades_beta, "bn_branch": cfg.finetune.bn_branch},
+              "modes": modes}
+    print(finetune_table(report))
+    _write(report, args.json)
+    return report
+
+
+def finetune_table(report: dict) -> str:
+    lines = ["| mode | images/s | ms/step (median) | ms/step (mean) | min–max ms | data loading ms/batch (not timed) |",
+             "|---|---:|---:|---:|---|---:|"]
+    for mode, run in report["modes"].items():
+        lines.append(f"| {mode} | {run['images_per_s']:.1f} | {run['ms_per_step']:.1f} | {run['mean_ms_per_step']:.1f} "
+                     f"| {min(run['step_ms']):.1f}–{max(run['step_ms']):.1f} | {run['load_ms_per_batch']:.1f} |")
+    return "\n".join(lines)

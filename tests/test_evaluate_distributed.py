@@ -1,0 +1,122 @@
+"""tools/evaluate.py on 2 and 3 torchrun ranks against one process: SA, RA and AA, image by image; the block
+cache of a repeated run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ranks import free_port
+
+from advcl_dist.config import load_config
+from advcl_dist.engine import Trainer
+from advcl_dist.finetune import finetune
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+BASE = ["data.name=digits", "data.workers=0", "train.device=cpu", "model.width=4", "model.proj_dim=16"]
+# 360 digits test images in 11 blocks of 35 (the last one 10): 6 + 5 blocks on 2 ranks, 4 + 4 + 3 on 3.
+# AutoAttack on the first 45: blocks of 35 and 10, so on 3 ranks one rank has no AutoAttack block.
+# ε = 4/255: PGD-3 breaks most correct images, not all; AutoAttack leaves about one (its slow attacks,
+# FAB-T and Square, then run on that image only).
+EVAL = ["attack.eval_steps=3", "attack.eps=0.0157", "eval.batch_size=35", "eval.aa_n=45"]
+N_TEST, BLOCKS, AA_N, AA_BLOCKS = 360, 11, 45, 2
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """One epoch of SimCLR (11 steps of 128), then one epoch of AFF (TRADES with PGD-2): SA ~30% on digits.
+
+    AFF rather than SLF: the encoder's BN statistics after a few pretraining steps make its frozen
+    features too large for a linear head to learn from in an epoch."""
+    root = tmp_path_factory.mktemp("classifier")
+    Trainer(load_config(None, [f"out_dir={root / 'simclr'}", "train.method=simclr", *BASE, "train.batch_size=128",
+                               "train.epochs=1", "optim.warmup_epochs=0", "optim.lr=0.1"])).fit()
+    return finetune(load_config(None, [f"out_dir={root / 'aff'}", *BASE, f"finetune.checkpoint={root / 'simclr'}"
+                                       "/checkpoint.pt", "finetune.mode=aff", "finetune.epochs=1",
+                                       "finetune.batch_size=128", "attack.supervised_steps=2"]),
+                    evaluate_after=False)
+
+
+def evaluate(nproc, out_dir, checkpoint):
+    """tools/evaluate.py alone (nproc 1) or under torchrun; one OpenMP thread per process. Returns its stdout
+    and what it wrote."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
+                                      str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    proc = subprocess.run([sys.executable, *launcher, str(ROOT / "tools" / "evaluate.py"), f"out_dir={out_dir}",
+                           f"eval.checkpoint={checkpoint}", *BASE, *EVAL], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out_dir / "results.json").read_text())
+    with np.load(out_dir / "flags.npz") as flags:
+        return proc.stdout, results, {k: flags[k] for k in flags.files}
+
+
+@pytest.fixture(scope="module")
+def runs(classifier, tmp_path_factory):
+    """One process, 2 ranks, 3 ranks, each into its own out_dir, then one process again into the first's."""
+    root = tmp_path_factory.mktemp("evaluate")
+    done = {n: evaluate(n, root / f"ranks{n}", classifier) for n in (1, 2, 3)}
+    done["again"] = evaluate(1, root / "ranks1", classifier)
+    return done
+
+
+def without_seconds(results):
+    return {k: v for k, v in results.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_ranks_give_the_results_of_one_process_image_by_image(runs, nproc):
+    _, one, one_flags = runs[1]
+    _, many, many_flags = runs[nproc]
+    assert (one["world_size"], many["world_size"]) == (1, nproc)
+    assert {k: v for k, v in without_seconds(many).items() if k != "world_size"} == \
+        {k: v for k, v in without_seconds(one).items() if k != "world_size"}
+    for key in ("SA", "RA", "AA"):
+        assert many[key] == one[key]
+    assert many["aa_subset"] == one["aa_subset"]
+    assert one_flags.keys() == many_flags.keys() == {"index", "clean", "robust", "autoattack"}
+    for key in one_flags:
+        assert many_flags[key].dtype == one_flags[key].dtype
+        np.testing.assert_array_equal(many_flags[key], one_flags[key], err_msg=key)
+
+
+def test_the_flags_are_worth_comparing(runs):
+    """Neither attack is a no-op, nor is the classifier always right or always wrong: an evaluation that
+    flagged images in another order, or attacked them with other randomness, would be caught."""
+    _, results, flags = runs[1]
+    clean, robust, aa = flags["clean"], flags["robust"], flags["autoattack"]
+    np.testing.assert_array_equal(flags["index"], np.arange(N_TEST))
+    assert clean.shape == robust.shape == (N_TEST,) and aa.shape == (AA_N,)
+    assert 0 < clean.sum() < N_TEST
+    assert 0 < robust.sum() < clean.sum() and not (robust & ~clean).any()
+    assert aa.sum() < clean[:AA_N].sum() and not (aa & ~clean[:AA_N]).any()
+    assert results["SA"] == round(100 * clean.mean(), 2) and results["RA"] == round(100 * robust.mean(), 2)
+    assert results["AA"] == round(100 * aa.mean(), 2)
+
+
+def test_three_ranks_log_the_blocks_they_run(runs):
+    stdout = runs[3][0]
+    assert (f"pgd3: {N_TEST} images in {BLOCKS} blocks of ≤ 35 over 3 rank(s); 0 blocks cached, {BLOCKS} to run"
+            in stdout)
+    assert (f"autoattack: {AA_N} images in {AA_BLOCKS} blocks of ≤ 35 over 3 rank(s); 0 blocks cached, "
+            f"{AA_BLOCKS} to run" in stdout)
+
+
+def test_a_repeated_run_reads_every_block_from_the_cache(runs):
+    first_stdout, first, first_flags = runs[1]
+    stdout, again, flags = runs["again"]
+    assert f"0 blocks cached, {BLOCKS} to run" in first_stdout
+    assert f"pgd3: {N_TEST} images in {BLOCKS} blocks of ≤ 35 over 1 rank(s); {BLOCKS} blocks cached, 0 to run" \
+        in stdout
+    assert f"autoattack: {AA_N} images in {AA_BLOCKS} blocks of ≤ 35 over 1 rank(s); {AA_BLOCKS} blocks cached, " \
+        "0 to run" in stdout
+    assert "AA running" not in stdout  # AutoAttack did not start
+    assert without_seconds(again) == without_seconds(first)
+    for key in first_flags:
+        np.testing.assert_array_equal(flags[key], first_flags[key], err_msg=key)
