@@ -77,3 +77,17 @@ def test_resolved_yaml_round_trips():
     cfg = load_config(ROOT / "configs" / "demo.yaml", ["train.seed=7"])
     again = yaml.safe_load(to_yaml(cfg))
     assert again["train"]["seed"] == 7 and "${" not in to_yaml(cfg)
+
+
+def test_a_key_that_moved_into_a_methods_section_names_its_new_place():
+    with pytest.raises(ConfigError, match="'loss.pseudo_weight' in override .* is now 'advcl.pseudo_weight'"):
+        load_config(None, ["loss.pseudo_weight=0.3"])
+
+
+def test_a_config_pickles_as_its_yaml_with_the_method_sections():
+    """submitit sends configs to the nodes pickled; the rebuilt one has the same values and sections."""
+    import pickle
+
+    cfg = load_config("configs/demo.yaml", ["advcl.pseudo_weight=0.3", "train.epochs=7"])
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg and again.advcl.pseudo_weight == 0.3 and to_yaml(again) == to_yaml(cfg)
