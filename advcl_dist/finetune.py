@@ -29,7 +29,7 @@ from .engine.preemption import StopRequest
 from .engine.trainer import Trainer
 from .evaluate import evaluate, robust_accuracy
 from .losses import trades_kl
-from .models import Classifier
+from .models import BranchBatchNorm, Classifier
 
 CLASSIFIER = "classifier.pt"
 DEFAULT_LR = {"slf": 0.01, "alf": 0.01, "aff": 0.1}
@@ -87,6 +87,13 @@ class Finetuning(Objective):
         model = Classifier(encoder, self.classes, f.bn_branch)
         if self.linear_only:
             model.encoder.requires_grad_(False)
+        for bn in model.encoder.modules():
+            if isinstance(bn, BranchBatchNorm) and len(bn.bns) > 1:
+                # Only `finetune.bn_branch` sees data: the other branches get no gradient, which DDP rejects
+                # and weight decay would still move (DeepSpeed, ZeRO).
+                for name, branch in bn.bns.items():
+                    if name != f.bn_branch:
+                        branch.requires_grad_(False)
         return model
 
     def lr_factor(self, step: int, steps_per_epoch: int, total_steps: int) -> float:

@@ -3,7 +3,6 @@ against DDP, and a global batch that does not split over the ranks."""
 import pytest
 import torch
 from ranks import run_ranks
-from torch.multiprocessing import ProcessRaisedException
 
 from advcl_dist.config import ConfigError, load_config
 from advcl_dist.engine import Trainer
@@ -108,26 +107,21 @@ def parameters(state):
     return {k: v for k, v in state.items() if ".running_" not in k}
 
 
-AFF_OF_ADVCL_ON_DDP = (
-    "package bug: AFF of a multi-branch (AdvCL) encoder on > 1 DDP ranks fails at step 2 with 'Expected to have "
-    "finished reduction in the prior iteration': the BN branches other than finetune.bn_branch (`normal`) require "
-    "grad but never get one (finetune.py Finetuning.build_model leaves them trainable)")
-
-
-@pytest.mark.parametrize("mode, method", [
-    ("slf", "advcl"),
-    ("aff", "simclr"),
-    pytest.param("aff", "advcl", marks=pytest.mark.xfail(strict=True, raises=ProcessRaisedException,
-                                                         reason=AFF_OF_ADVCL_ON_DDP)),
+@pytest.mark.parametrize("mode, method, sync_bn", [
+    ("slf", "advcl", False),
+    ("slf", "advcl", True),  # SyncBN conversion keeps the frozen encoder frozen
+    ("aff", "simclr", True),
+    ("aff", "advcl", True),  # the BN branches other than finetune.bn_branch are frozen (no gradient for DDP)
 ])
 def test_two_ddp_ranks_finetune_to_the_classifier_of_one_process_on_the_same_global_batch(tmp_path, request, mode,
-                                                                                          method):
+                                                                                          method, sync_bn):
     """Global batch 64 (2 × 32), float64, 3 steps. AFF trains the whole network: SyncBN (per view, over the
     ranks) gives 2 ranks one process's batch statistics, and its PGD starts are keyed by image
     (`key_pgd_starts_by_image`). Every weight and BN statistic of the classifier to 1e-9 absolute (measured
-    ≤ 1e-10, BN running variances up to ~600 included); the steps move them by > 1e-3."""
+    ≤ 1e-10, BN running variances up to ~600 included); the steps move them by > 1e-3. SLF's encoder stays
+    exactly as pretrained, with SyncBN too."""
     pretrained = request.getfixturevalue(f"pretrained_{method}")
-    extra, keyed = (["train.sync_bn=true"], True) if mode == "aff" else ([], False)
+    extra, keyed = [f"train.sync_bn={str(sync_bn).lower()}"], mode == "aff"
     run_ranks(2, finetune_rank, ft(tmp_path / "two", pretrained, mode, *extra), True, keyed)
     [init] = run_ranks(1, finetune_rank, ft(tmp_path / "one", pretrained, mode, *extra), True, keyed,
                        tmp_path / "init")

@@ -68,6 +68,8 @@ def _to_global(module: nn.Module) -> nn.Module:
         bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats).to(next(module.buffers(), torch.empty(0)).device)
         bn.load_state_dict(module.state_dict())
+        if module.affine:  # the same Parameters, as torch's conversion keeps them: frozen ones stay frozen
+            bn.weight, bn.bias = module.weight, module.bias
         return bn.train(module.training)
     for name, child in module.named_children():
         module.add_module(name, _to_global(child))
