@@ -227,3 +227,29 @@ def test_pretraining_from_a_beton_resumed_mid_epoch_matches_the_torchvision_run(
     Trainer(cfg).fit(stop_after_steps=14)
     assert "(FFCV)" in capsys.readouterr().out
     assert losses(tmp_path / "ffcv") == pytest.approx(losses(tmp_path / "tv"), rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.integration
+def test_finetuning_and_evaluation_from_betons_match_the_torchvision_run(tmp_path):
+    """finetune.beton / eval.beton: the same batches and views as the torchvision datasets, hence the same
+    classifier (AFF: the encoder trains too) and the same per-image results."""
+    from advcl_dist.engine import Trainer
+    from advcl_dist.finetune import finetune
+    from tests.test_engine import tiny_cfg
+
+    betons = {split: write_beton(get_dataset("digits", split), tmp_path / f"{split}.beton", workers=2,
+                                 info={"dataset": "digits", "split": split}) for split in ("train", "test")}
+    Trainer(tiny_cfg(tmp_path / "pre")).fit(stop_after_steps=2)
+    common = [f"finetune.checkpoint={tmp_path / 'pre' / 'checkpoint.pt'}", "finetune.mode=aff", "finetune.epochs=1",
+              "finetune.batch_size=256", "attack.supervised_steps=1", "attack.eval_steps=1",
+              "eval.autoattack=false", "eval.batch_size=120", "data.workers=1"]
+    finetune(tiny_cfg(tmp_path / "tv", *common))
+    finetune(tiny_cfg(tmp_path / "ffcv", *common, f"finetune.beton={betons['train']}",
+                      f"eval.beton={betons['test']}"))
+    weights = [torch.load(tmp_path / run / "classifier.pt", weights_only=False)["model"] for run in ("tv", "ffcv")]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    flags = [np.load(tmp_path / run / "flags.npz") for run in ("tv", "ffcv")]
+    assert all(np.array_equal(flags[0][k], flags[1][k]) for k in ("clean", "robust"))
+    results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("tv", "ffcv")]
+    assert results[0]["SA"] == results[1]["SA"] and results[0]["n_test"] == results[1]["n_test"] == 360
