@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads-total", type=int, default=len(os.sched_getaffinity(0)),
                     help="threads of all processes together, split evenly (default: every core)")
     ev.add_argument("--width", type=int, default=16, help="first-stage channels of the CIFAR ResNet-18")
-    ev.add_argument("--train-steps", type=int, default=200,
+    ev.add_argument("--train-steps", type=int, default=100,
                     help="plain cross-entropy steps (batch 128) training the classifier before it is attacked")
     ev.add_argument("--images", type=int, help="PGD on the first this many digits test images (default: all 360)")
     ev.add_argument("--aa-images", type=int, default=40, help="AutoAttack on the first this many")
