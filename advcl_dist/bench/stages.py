@@ -103,6 +103,18 @@ def eval_classifier(width: int, steps: int, seed: int, cache: Path) -> tuple[Pat
     return path, facts
 
 
+def _timed(run_block, busy: dict, key: str):
+    """`run_block`, adding the seconds each call takes to busy[key]."""
+    def run(*args):
+        start = time.perf_counter()
+        try:
+            return run_block(*args)
+        finally:
+            busy[key] += time.perf_counter() - start
+
+    return run
+
+
 def _eval_rank(state_path: str, s: dict) -> dict:
     """One rank: PGD then AutoAttack over its share of the blocks, each between two barriers."""
     with distributed_session("cpu") as info:
@@ -115,20 +127,20 @@ def _eval_rank(state_path: str, s: dict) -> dict:
         quiet = lambda _: None  # noqa: E731
         barrier()
         t0 = time.perf_counter()
-        pgd = sharded_flags("pgd", pgd_block(model, s["eps"], s["step_size"], s["pgd_steps"], s["seed"]), 2, source,
-                            range(s["images"]), s["batch"], IMAGE_SIZE, info, log=quiet)
-        own_pgd = time.perf_counter() - t0  # this rank's blocks; the gather waits for the slowest rank
+        busy = {"pgd": 0.0, "autoattack": 0.0}  # seconds inside this rank's blocks (decoding and gather not)
+        attack = pgd_block(model, s["eps"], s["step_size"], s["pgd_steps"], s["seed"])
+        pgd = sharded_flags("pgd", _timed(attack, busy, "pgd"), 2, source, range(s["images"]), s["batch"], IMAGE_SIZE,
+                            info, log=quiet)
         barrier()
         t1 = time.perf_counter()
         log = io.StringIO()
         with contextlib.redirect_stdout(log):  # AutoAttack's progress lines
-            aa = sharded_flags("autoattack", autoattack_block(model, s["eps"], s["seed"]), 1, source,
-                               range(s["aa_images"]), s["aa_batch"], IMAGE_SIZE, info, log=quiet)
-        own_aa = time.perf_counter() - t1
+            aa = sharded_flags("autoattack", _timed(autoattack_block(model, s["eps"], s["seed"]), busy, "autoattack"),
+                               1, source, range(s["aa_images"]), s["aa_batch"], IMAGE_SIZE, info, log=quiet)
         barrier()
         t2 = time.perf_counter()
         rank, world = info.rank, info.world_size
-    out = {"rank": rank, "own_pgd_s": own_pgd, "own_aa_s": own_aa}
+    out = {"rank": rank, "busy_pgd_s": busy["pgd"], "busy_aa_s": busy["autoattack"]}
     if rank == 0:
         out.update(world=world, pgd_s=t1 - t0, aa_s=t2 - t1, pgd_flags=pgd.tolist(), aa_flags=aa[0].tolist(),
                    aa_log=log.getvalue().splitlines()[-12:])
@@ -145,8 +157,8 @@ def run_eval(state_path: Path, procs: int, threads_total: int, settings: dict) -
     return {"procs": procs, "threads": threads, "pgd_s": r["pgd_s"], "aa_s": r["aa_s"],
             "pgd_images_per_s": settings["images"] / r["pgd_s"], "aa_images_per_s": settings["aa_images"] / r["aa_s"],
             "eval_s": r["pgd_s"] + r["aa_s"], "wall_s": wall,
-            "busy_pgd_s": [round(x["own_pgd_s"], 3) for x in ranks],
-            "busy_aa_s": [round(x["own_aa_s"], 3) for x in ranks],
+            "busy_pgd_s": [round(x["busy_pgd_s"], 3) for x in ranks],
+            "busy_aa_s": [round(x["busy_aa_s"], 3) for x in ranks],
             "SA": round(100 * pgd[0].mean(), 2), "RA": round(100 * pgd[1].mean(), 2),
             "AA": round(100 * aa.mean(), 2) if aa.size else None,
             "flags": {"pgd": pgd, "aa": aa}, "aa_log": r["aa_log"]}
@@ -197,11 +209,13 @@ def eval_table(report: dict) -> str:
     s = report["settings"]
     ref = report["reference_procs"]
     lines = [f"| processes × threads | PGD-{s['pgd_steps']} s | PGD-{s['pgd_steps']} images/s | AA s | AA images/s "
-             f"| eval s | wall s (with start-up) | SA / RA / AA % | flags = {ref} process(es) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             f"| AA busy s per rank | eval s | wall s (with start-up) | SA / RA / AA % | flags = {ref} process(es) |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---|---|"]
     for run in report["runs"].values():
+        busy = " / ".join(f"{b:.1f}" for b in run["busy_aa_s"])
         lines.append(f"| {run['procs']} × {run['threads']} | {run['pgd_s']:.2f} | {run['pgd_images_per_s']:.1f} | "
-                     f"{run['aa_s']:.2f} | {run['aa_images_per_s']:.2f} | {run['eval_s']:.2f} | {run['wall_s']:.1f} | "
+                     f"{run['aa_s']:.2f} | {run['aa_images_per_s']:.2f} | {busy} | {run['eval_s']:.2f} | "
+                     f"{run['wall_s']:.1f} | "
                      f"{run['SA']:.1f} / {run['RA']:.1f} / {run['AA'] if run['AA'] is not None else '–'} | "
                      f"{'yes' if run['same_flags_as_1p'] else 'NO'} |")
     return "\n".join(lines)
