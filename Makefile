@@ -9,6 +9,9 @@ EXTRAS ?= dev,deepspeed,ffcv
 STAMP := $(VENV)/.installed-$(EXTRAS)
 APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev slurm-wlm munge
 PYTEST_ARGS ?=
+# One pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once).
+PYTEST_WORKERS ?= auto
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: install system-packages demo test test-fast lint clean
 
@@ -39,11 +42,11 @@ demo: install
 	$(BIN)/python tools/pipeline.py --config configs/demo.yaml
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # The development tier: no multi-process, SLURM or end-to-end tests (minutes, not a quarter of an hour).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not distributed and not slurm and not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not distributed and not slurm and not integration" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -19,12 +19,12 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 BASE = ["data.name=digits", "data.workers=0", "train.device=cpu", "model.width=4", "model.proj_dim=16"]
-# 360 digits test images in 11 blocks of 35 (the last one 10): 6 + 5 blocks on 2 ranks, 4 + 4 + 3 on 3.
-# AutoAttack on the first 45: blocks of 35 and 10, so on 3 ranks one rank has no AutoAttack block.
-# ε = 4/255: PGD-3 breaks most correct images, not all; AutoAttack leaves about one (its slow attacks,
-# FAB-T and Square, then run on that image only).
-EVAL = ["attack.eval_steps=3", "attack.eps=0.0157", "eval.batch_size=35", "eval.aa_n=45"]
-N_TEST, BLOCKS, AA_N, AA_BLOCKS = 360, 11, 45, 2
+# 360 digits test images in 52 blocks of 7 (the last one 3): 26 + 26 blocks on 2 ranks, 18 + 17 + 17 on 3.
+# AutoAttack on the first 14: 2 blocks of 7, so on 3 ranks one rank has no AutoAttack block.
+# ε = 4/255: PGD-3 breaks most correct images, not all; AutoAttack leaves one of the first 14 (its slow
+# attacks, APGD-T, FAB-T and Square, then run on that image only: ~20 s for each run).
+EVAL = ["attack.eval_steps=3", "attack.eps=0.0157", "eval.batch_size=7", "eval.aa_n=14"]
+N_TEST, BLOCKS, AA_N, AA_BLOCKS = 360, 52, 14, 2
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +102,9 @@ def test_the_flags_are_worth_comparing(runs):
 
 def test_three_ranks_log_the_blocks_they_run(runs):
     stdout = runs[3][0]
-    assert (f"pgd3: {N_TEST} images in {BLOCKS} blocks of ≤ 35 over 3 rank(s); 0 blocks cached, {BLOCKS} to run"
+    assert (f"pgd3: {N_TEST} images in {BLOCKS} blocks of ≤ 7 over 3 rank(s); 0 blocks cached, {BLOCKS} to run"
             in stdout)
-    assert (f"autoattack: {AA_N} images in {AA_BLOCKS} blocks of ≤ 35 over 3 rank(s); 0 blocks cached, "
+    assert (f"autoattack: {AA_N} images in {AA_BLOCKS} blocks of ≤ 7 over 3 rank(s); 0 blocks cached, "
             f"{AA_BLOCKS} to run" in stdout)
 
 
@@ -112,9 +112,9 @@ def test_a_repeated_run_reads_every_block_from_the_cache(runs):
     first_stdout, first, first_flags = runs[1]
     stdout, again, flags = runs["again"]
     assert f"0 blocks cached, {BLOCKS} to run" in first_stdout
-    assert f"pgd3: {N_TEST} images in {BLOCKS} blocks of ≤ 35 over 1 rank(s); {BLOCKS} blocks cached, 0 to run" \
+    assert f"pgd3: {N_TEST} images in {BLOCKS} blocks of ≤ 7 over 1 rank(s); {BLOCKS} blocks cached, 0 to run" \
         in stdout
-    assert f"autoattack: {AA_N} images in {AA_BLOCKS} blocks of ≤ 35 over 1 rank(s); {AA_BLOCKS} blocks cached, " \
+    assert f"autoattack: {AA_N} images in {AA_BLOCKS} blocks of ≤ 7 over 1 rank(s); {AA_BLOCKS} blocks cached, " \
         "0 to run" in stdout
     assert "AA running" not in stdout  # AutoAttack did not start
     assert without_seconds(again) == without_seconds(first)

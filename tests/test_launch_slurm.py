@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-PRETRAIN = ["train.epochs=3", "train.log_every=1", "train.ckpt_every=5"]  # 33 steps on the demo data
+# 33 steps on the demo data, with a narrow network: what is tested is the launch, not the model
+PRETRAIN = ["train.epochs=3", "train.log_every=1", "train.ckpt_every=5", "model.width=4", "model.proj_dim=16"]
 TINY = ["model.width=4", "model.proj_dim=16", "train.batch_size=256", "train.epochs=1", "optim.warmup_epochs=0",
         "attack.steps=1", "pseudo.ks=[2,10]", "finetune.epochs=1", "finetune.batch_size=256", "attack.eval_steps=1",
         "eval.autoattack=false", "eval.batch_size=120", "pipeline.finetune=[slf]", "pipeline.baselines=[simclr]"]

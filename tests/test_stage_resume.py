@@ -322,7 +322,10 @@ def test_sigusr2_stops_evaluation_after_its_current_block_and_the_rerun_finishes
     before = file_states(block_files(out, PGD))
 
     second = Started("evaluate", *args, log=tmp_path / "second.log", slurm=True)
-    second.wait_until(lambda: len(block_files(out, PGD)) == PGD_BLOCKS, f"all {PGD_BLOCKS} PGD blocks cached")
+    # AutoAttack's own log lines come from inside its first block: a signal sent when the last PGD block is
+    # cached but before that block starts would (rightly) stop the run with no AutoAttack block done.
+    second.wait_until(lambda: "[evaluate] AA " in second.output(), "AutoAttack's first block started")
+    assert len(block_files(out, PGD)) == PGD_BLOCKS
     second.proc.send_signal(signal.SIGUSR2)  # during AutoAttack's first block: it ends, the second never starts
     assert second.wait() == 0, second.output()
     assert cached_line(PGD, 360, PGD_BLOCKS, done) in second.output()

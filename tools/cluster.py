@@ -6,7 +6,6 @@ Runs on one process or on every rank of torchrun / srun (each rank embeds its sh
 import sys
 
 from advcl_dist.cli import run_stage
-from advcl_dist.cluster import cluster
 
 if __name__ == "__main__":
-    sys.exit(run_stage(cluster, __doc__))
+    sys.exit(run_stage("advcl_dist.cluster:cluster", __doc__))

@@ -6,7 +6,6 @@ python tools/evaluate.py --config configs/demo.yaml eval.checkpoint=runs/demo/ad
 import sys
 
 from advcl_dist.cli import run_stage
-from advcl_dist.evaluate import evaluate
 
 if __name__ == "__main__":
-    sys.exit(run_stage(evaluate, __doc__))
+    sys.exit(run_stage("advcl_dist.evaluate:evaluate", __doc__))

@@ -6,7 +6,6 @@ python tools/finetune.py --config configs/demo.yaml finetune.checkpoint=runs/dem
 import sys
 
 from advcl_dist.cli import run_stage
-from advcl_dist.finetune import finetune
 
 if __name__ == "__main__":
-    sys.exit(run_stage(finetune, __doc__))
+    sys.exit(run_stage("advcl_dist.finetune:finetune", __doc__))

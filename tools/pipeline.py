@@ -4,7 +4,6 @@ skipping stages that already finished: python tools/pipeline.py --config configs
 import sys
 
 from advcl_dist.cli import run_stage
-from advcl_dist.pipeline import run_pipeline
 
 if __name__ == "__main__":
-    sys.exit(run_stage(run_pipeline, __doc__))
+    sys.exit(run_stage("advcl_dist.pipeline:run_pipeline", __doc__))

@@ -5,7 +5,6 @@ torchrun --nproc_per_node 8 tools/pretrain.py --config configs/cifar10_advcl.yam
 import sys
 
 from advcl_dist.cli import run_stage
-from advcl_dist.engine import pretrain
 
 if __name__ == "__main__":
-    sys.exit(run_stage(pretrain, __doc__))
+    sys.exit(run_stage("advcl_dist.engine:pretrain", __doc__))
