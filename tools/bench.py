@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 
-from advcl_dist.bench import kmeans, loader, stages, step
+from advcl_dist.bench import evaluation, finetuning, kmeans, loader, step
 
 
 def parser() -> argparse.ArgumentParser:
@@ -87,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache", default=".cache/bench", help="where the trained classifier is kept")
     ev.add_argument("--json", help="also write the JSON report to this file")
     ft = sub.add_parser("finetune", help="SLF / AFF step images/s on the shared training loop")
-    ft.add_argument("--modes", nargs="+", choices=stages.FT_MODES, default=["slf", "aff"])
+    ft.add_argument("--modes", nargs="+", choices=finetuning.FT_MODES, default=["slf", "aff"])
     ft.add_argument("--width", type=int, default=16, help="first-stage channels of the pretrained ResNet-18")
     ft.add_argument("--batch", type=int, default=128, help="finetune.batch_size")
     ft.add_argument("--attack-steps", type=int, default=10, help="attack.supervised_steps (PGD inside ALF / AFF)")
@@ -106,6 +106,6 @@ def _batch(value: str):
 
 if __name__ == "__main__":
     args = parser().parse_args()
-    mains = {"kmeans": kmeans.main, "loader": loader.main, "step": step.main, "eval": stages.eval_main,
-             "finetune": stages.finetune_main}
+    mains = {"kmeans": kmeans.main, "loader": loader.main, "step": step.main, "eval": evaluation.eval_main,
+             "finetune": finetuning.finetune_main}
     sys.exit(mains[args.bench](args) and 0)

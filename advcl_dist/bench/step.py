@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import json
 import os
 import platform
 import statistics
@@ -45,6 +44,7 @@ from ..engine.objective import StepContext
 from ..methods import Method, build_method
 from ..models import Classifier
 from ..rng import StepRandom
+from .output import check_json, write_report
 from .profile import count_costs, profile_steps, profile_table
 from .reference import reference_step
 from .step_report import derived, table
@@ -222,8 +222,7 @@ def _device_name(device: torch.device) -> str:
 
 def _check_outputs(args) -> None:
     """Fail before minutes of timing, not after, when --json or --profile cannot be written."""
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise SystemExit(f"--json {args.json}: its folder does not exist")
+    check_json(args.json)
     if args.profile:
         try:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
@@ -272,8 +271,5 @@ def main(args) -> dict:
     if profiled:
         print(f"Where the time goes ({args.profile}; {PROFILED_STEPS} profiled steps per mode):\n{profiled}\n")
     print(table(report))
-    line = json.dumps(report)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
-    print(line)
+    write_report(report, args.json)
     return report

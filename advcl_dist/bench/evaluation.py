@@ -1,28 +1,20 @@
-"""`tools/bench.py eval` and `tools/bench.py finetune`: the evaluation and finetuning stages, timed.
+"""`tools/bench.py eval`: the sharded evaluation stage, timed.
 
-eval      images/s of the sharded evaluation (eval_blocks.sharded_flags): PGD (`evaluate.pgd_block`, PGD-20 by
-          default) over the digits test images and AutoAttack "standard" (`evaluate.autoattack_block`) over the
-          first --aa-images, on 1 and N gloo processes sharing the same cores (--threads-total split evenly).
-          The classifier is a CIFAR ResNet-18 (`Classifier` over one `normal` BN branch) trained first, in this
-          process, with plain cross-entropy on the digits train split (cached under --cache): accurate on clean
-          images, so that both attacks have correct images to work on. Each rank loads it, runs one untimed
-          forward, then the clock runs from a barrier to a barrier around each attack (data decoding included,
-          process start-up and model loading not; `wall_s` is the whole launch). The per-image flags of every
-          process count are compared with those of 1 process: the evaluation is rank-invariant by design.
-finetune  step images/s of SLF and AFF on the shared loop (`Trainer(cfg, objective=Finetuning(cfg)).train_step`),
-          one process, on the digits train split, from a tiny AdvCL encoder pretrained on the fly (one epoch of 5
-          steps, cached under --cache). The loader's batches are read before the clock starts: the time is the
-          step alone (views, attack, forward, backward, SGD), not data loading (reported beside it).
+Images/s of the sharded evaluation (eval_blocks.sharded_flags): PGD (`evaluate.pgd_block`, PGD-20 by
+default) over the digits test images and AutoAttack "standard" (`evaluate.autoattack_block`) over the
+first --aa-images, on 1 and N gloo processes sharing the same cores (--threads-total split evenly).
+The classifier is a CIFAR ResNet-18 (`Classifier` over one `normal` BN branch) trained first, in this
+process, with plain cross-entropy on the digits train split (cached under --cache): accurate on clean
+images, so that both attacks have correct images to work on. Each rank loads it, runs one untimed
+forward, then the clock runs from a barrier to a barrier around each attack (data decoding included,
+process start-up and model loading not; `wall_s` is the whole launch). The per-image flags of every
+process count are compared with those of 1 process: the evaluation is rank-invariant by design.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
-import os
-import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,29 +30,11 @@ from ..engine.checkpoint import load_checkpoint, save_checkpoint
 from ..eval_blocks import sharded_flags
 from ..evaluate import autoattack_block, pgd_block
 from ..models import BACKBONES, Classifier
+from .output import check_json, cores, write_report
 
-FT_MODES = ("slf", "alf", "aff")
 IMAGE_SIZE = 32  # digits
-PRETRAIN_BATCH = 256  # one epoch of the 1437 digits train images: 5 steps
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-def _write(report: dict, json_path: str | None) -> None:
-    line = json.dumps(report)
-    if json_path:
-        Path(json_path).write_text(line + "\n")
-    print(line)
-
-
-def _check_json(path: str | None) -> None:
-    if path and not Path(path).resolve().parent.is_dir():
-        raise SystemExit(f"--json {path}: its folder does not exist")
-
-
-# -- eval ------------------------------------------------------------------------------------------
 def _classifier(width: int) -> Classifier:
     return Classifier(BACKBONES["resnet18"](width, ("normal",)), 10, branch="normal")
 
@@ -165,7 +139,7 @@ def run_eval(state_path: Path, procs: int, threads_total: int, settings: dict) -
 
 
 def eval_main(args) -> dict:
-    _check_json(args.json)
+    check_json(args.json)
     attack = load_config(None, []).attack
     n_test = len(get_dataset("digits", "test"))
     images = min(args.images or n_test, n_test)
@@ -181,7 +155,7 @@ def eval_main(args) -> dict:
           f"{facts['train_accuracy']}%, test accuracy {facts['test_accuracy']}%", flush=True)
     print(f"PGD-{settings['pgd_steps']} on {images} digits test images ({blocks[0]} blocks of ≤ {settings['batch']}), "
           f"AutoAttack standard on the first {aa_images} ({blocks[1]} blocks of ≤ {settings['aa_batch']}), "
-          f"ε = {settings['eps'] * 255:.3g}/255; {_cores()} cores, {args.threads_total} threads in all", flush=True)
+          f"ε = {settings['eps'] * 255:.3g}/255; {cores()} cores, {args.threads_total} threads in all", flush=True)
     for procs in args.procs:
         if blocks[1] < procs:
             print(f"note: {blocks[1]} AutoAttack block(s) for {procs} processes: some ranks have no AutoAttack work",
@@ -197,11 +171,11 @@ def eval_main(args) -> dict:
                                            for k in ("pgd", "aa")))
     for run in runs.values():
         run["flags"] = {k: v.tolist() for k, v in run["flags"].items()}
-    report = {"bench": "eval", "device": "cpu", "cores": _cores(), "torch": torch.__version__,
+    report = {"bench": "eval", "device": "cpu", "cores": cores(), "torch": torch.__version__,
               "threads_total": args.threads_total, "reference_procs": reference["procs"], "classifier": facts,
               "args": {k: v for k, v in vars(args).items() if k != "bench"}, "settings": settings, "runs": runs}
     print(eval_table(report))
-    _write(report, args.json)
+    write_report(report, args.json)
     return report
 
 
@@ -218,100 +192,4 @@ def eval_table(report: dict) -> str:
                      f"{run['wall_s']:.1f} | "
                      f"{run['SA']:.1f} / {run['RA']:.1f} / {run['AA'] if run['AA'] is not None else '–'} | "
                      f"{'yes' if run['same_flags_as_1p'] else 'NO'} |")
-    return "\n".join(lines)
-
-
-# -- finetune --------------------------------------------------------------------------------------
-def pretrained_encoder(width: int, seed: int, cache: Path) -> Path:
-    """One epoch (5 steps of 256) of AdvCL on digits without pseudo-labels, width `width`; cached."""
-    from ..engine import Trainer
-
-    out = Path(cache) / f"ft-pretrain-advcl-r18w{width}-s{seed}"
-    checkpoint = out / "checkpoint.pt"
-    if checkpoint.is_file() and load_checkpoint(checkpoint).get("finished"):
-        return checkpoint
-    with contextlib.redirect_stdout(io.StringIO()):
-        Trainer(load_config(None, pretrain_overrides(out, width, seed))).fit()
-    return checkpoint
-
-
-def pretrain_overrides(out: Path, width: int, seed: int) -> list[str]:
-    return [f"out_dir={out}", "data.name=digits", "data.workers=0", "train.device=cpu", f"model.width={width}",
-            f"train.batch_size={PRETRAIN_BATCH}", "train.epochs=1", "optim.warmup_epochs=0", "attack.steps=1",
-            f"train.seed={seed}"]
-
-
-def finetune_overrides(out: Path, checkpoint: Path, mode: str, batch: int, attack_steps: int, epochs: int,
-                       seed: int) -> list[str]:
-    return [f"out_dir={out}", "data.name=digits", "data.workers=0", "train.device=cpu",
-            f"finetune.checkpoint={checkpoint}", f"finetune.mode={mode}", f"finetune.batch_size={batch}",
-            f"finetune.epochs={epochs}", f"attack.supervised_steps={attack_steps}", f"train.seed={seed}"]
-
-
-def run_finetune_mode(mode: str, checkpoint: Path, args) -> dict:
-    from ..engine import Trainer
-    from ..finetune import Finetuning
-
-    n = args.warmup + args.steps
-    epochs = math.ceil(n / max(1, len(get_dataset("digits", "train")) // args.batch)) + 1
-    with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, finetune_overrides(Path(out), checkpoint, mode, args.batch, args.attack_steps, epochs,
-                                                   args.seed))
-        with contextlib.redirect_stdout(io.StringIO()):
-            trainer = Trainer(cfg, objective=Finetuning(cfg))
-        # The batches, read before the clock starts, epoch after epoch as the loop reads them.
-        batches, epoch, t0 = [], 0, time.perf_counter()
-        while len(batches) < n:
-            trainer.loader.set_epoch(epoch)
-            for batch in trainer.loader:
-                batches.append(batch)
-                if len(batches) == n:
-                    break
-            epoch += 1
-        load_ms = (time.perf_counter() - t0) / n * 1e3
-        trainer.objective.train_mode(trainer.engine.module)
-        times = []
-        for i, batch in enumerate(batches):
-            if i and i % trainer.steps_per_epoch == 0:
-                trainer.objective.train_mode(trainer.engine.module)  # as the loop does at each epoch
-            start = time.perf_counter()
-            metrics = trainer.train_step(*batch)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-        loss = float(metrics["loss"])
-    seconds = statistics.median(times)
-    return {"images_per_s": args.batch / seconds, "ms_per_step": seconds * 1e3,
-            "mean_ms_per_step": statistics.fmean(times) * 1e3, "step_ms": [round(t * 1e3, 2) for t in times],
-            "load_ms_per_batch": load_ms, "last_loss": loss, "steps_per_epoch": trainer.steps_per_epoch}
-
-
-def finetune_main(args) -> dict:
-    _check_json(args.json)
-    torch.set_num_threads(args.threads or _cores())
-    checkpoint = pretrained_encoder(args.width, args.seed, Path(args.cache))
-    cfg = load_config(None, [])
-    print(f"finetuning on the shared loop: encoder {checkpoint} (AdvCL, ResNet-18 width {args.width}), digits, "
-          f"batch {args.batch}, PGD-{args.attack_steps} in ALF/AFF, {args.warmup} warm-up + {args.steps} timed steps, "
-          f"1 process × {torch.get_num_threads()} threads ({_cores()} cores)", flush=True)
-    modes = {}
-    for mode in dict.fromkeys(args.modes):
-        modes[mode] = run = run_finetune_mode(mode, checkpoint, args)
-        print(f"{mode}: {run['ms_per_step']:.1f} ms/step", flush=True)
-    report = {"bench": "finetune", "device": "cpu", "cores": _cores(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "pretrained": str(checkpoint),
-              "args": {k: v for k, v in vars(args).items() if k != "bench"},
-              "config": {"eps": cfg.attack.eps, "step_size": cfg.attack.step_size, "attack_steps": args.attack_steps,
-                         "trades_beta": cfg.finetune.trades_beta, "bn_branch": cfg.finetune.bn_branch},
-              "modes": modes}
-    print(finetune_table(report))
-    _write(report, args.json)
-    return report
-
-
-def finetune_table(report: dict) -> str:
-    lines = ["| mode | images/s | ms/step (median) | ms/step (mean) | min–max ms | data loading ms/batch (not timed) |",
-             "|---|---:|---:|---:|---|---:|"]
-    for mode, run in report["modes"].items():
-        lines.append(f"| {mode} | {run['images_per_s']:.1f} | {run['ms_per_step']:.1f} | {run['mean_ms_per_step']:.1f} "
-                     f"| {min(run['step_ms']):.1f}–{max(run['step_ms']):.1f} | {run['load_ms_per_batch']:.1f} |")
     return "\n".join(lines)
