@@ -27,22 +27,17 @@ def eps_grid(run_eps: float) -> list[float]:
     return [e / 255 * run_eps / PAPER_EPS for e in EPS_GRID_255]
 
 
-def percent(flags: torch.Tensor) -> float:
-    return 100.0 * float(flags.double().mean()) if flags.numel() else float("nan")
-
-
 def square_flags(model, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int, seed: int) -> torch.Tensor:
     """Per-image correctness under the Square attack (L∞, margin loss; AutoAttack's black-box member)."""
     from pyautoattack.square import SquareAttack
+
+    from .evaluate import correct_within_ball
 
     attack = SquareAttack(model, norm="Linf", eps=eps, n_queries=queries, seed=seed, device=x.device)
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):  # it reseeds the global RNG
         with torch.no_grad():
             x_adv = attack.perturb(x, y)
-    if (x_adv - x).abs().max() > eps + 1e-5:
-        raise RuntimeError("Square returned points outside the ε-ball; refusing to report them")
-    with torch.no_grad():
-        return model(x_adv).argmax(1) == y
+    return correct_within_ball(model, x, x_adv, y, eps, len(x), "Square")
 
 
 def robustness_curves(model, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, eps: float, step_size: float,
@@ -51,20 +46,21 @@ def robustness_curves(model, x: torch.Tensor, y: torch.Tensor, indices: torch.Te
     against ε (`eps_grid(eps)`, PGD-`steps`, the step size scaled with ε), against PGD steps
     (`STEPS_GRID` at `eps`), and under Square at `eps` (`square_queries` queries; 0 leaves it out).
     An image's PGD random start depends on (seed, its index in `indices`) only, as in the evaluation."""
-    from .evaluate import pgd_block  # the evaluation's own attack, so that the curves measure what RA measures
+    # the evaluation's own attack and percentages, so that the curves measure what its RA measures
+    from .evaluate import percent, pgd_block
 
-    def robust(e: float, k: int) -> torch.Tensor:
-        return pgd_block(model, e, step_size * e / eps, k, seed)(x, y, indices, 0)[1]
+    def robust(e: float, k: int) -> float:
+        return percent(pgd_block(model, e, step_size * e / eps, k, seed)(x, y, indices, 0)[1].cpu().numpy())
 
     with torch.no_grad():
         clean = model(x).argmax(1) == y
     grid = eps_grid(eps)
-    curves = {"n": len(y), "SA": percent(clean), "eps": eps, "steps": steps,
-              "eps_grid": grid, "ra_vs_eps": [percent(robust(e, steps)) for e in grid],
-              "steps_grid": list(STEPS_GRID), "ra_vs_steps": [percent(robust(eps, k)) for k in STEPS_GRID]}
+    curves = {"n": len(y), "SA": percent(clean.cpu().numpy()), "eps": eps, "steps": steps,
+              "eps_grid": grid, "ra_vs_eps": [robust(e, steps) for e in grid],
+              "steps_grid": list(STEPS_GRID), "ra_vs_steps": [robust(eps, k) for k in STEPS_GRID]}
     if square_queries:
-        curves["square"] = {"queries": square_queries, "RA": percent(square_flags(model, x, y, eps, square_queries,
-                                                                                 seed))}
+        square = square_flags(model, x, y, eps, square_queries, seed)
+        curves["square"] = {"queries": square_queries, "RA": percent(square.cpu().numpy())}
     return curves
 
 
