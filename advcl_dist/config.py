@@ -213,6 +213,9 @@ def validate(cfg: Config) -> None:
     need(f.lr is None or f.lr > 0, "finetune.lr", "must be > 0 (or null for the mode's default)")
     need(0 <= f.val_fraction < 1, "finetune.val_fraction", "must be in [0, 1)")
     need(cfg.eval.aa_n is None or cfg.eval.aa_n > 0, "eval.aa_n", "must be > 0 (or null for the whole test set)")
+    need(cfg.eval.square_queries >= 0, "eval.square_queries", "must be >= 0 (0 leaves Square out of the curves)")
+    need(not cfg.eval.curves or cfg.attack.eps > 0, "eval.curves", "needs attack.eps > 0 (the curves scale with it)")
+    need(cfg.pipeline.tsne_n == 0 or cfg.pipeline.tsne_n >= 5, "pipeline.tsne_n", "must be >= 5 (or 0: no t-SNE)")
     for mode in cfg.pipeline.finetune:
         need(mode in FINETUNE_MODES, "pipeline.finetune", f"{mode!r} is not one of {list(FINETUNE_MODES)}")
     for name in [*cfg.pipeline.baselines, cfg.pipeline.fpre_method]:

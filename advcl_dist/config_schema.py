@@ -133,6 +133,8 @@ class EvalConfig:
     batch_size: int = 512
     autoattack: bool = True  # AA with pyautoattack "standard" (APGD-CE, APGD-T, FAB-T, Square)
     aa_n: int | None = None  # AutoAttack on the first n test images; null = all
+    curves: bool = False  # gradient-masking checks on the AA images: RA vs ε and vs PGD steps, Square (masking.py)
+    square_queries: int = 5000  # queries of the curves' black-box Square attack (AutoAttack's own: 5000)
     seed: int = 0  # PGD random starts (per image: from (seed, image index)) and AutoAttack (per block)
     beton: str | None = None  # FFCV file of the test split (tools/write_ffcv.py)
 
@@ -142,6 +144,8 @@ class PipelineConfig:
     finetune: list[str] = field(default_factory=lambda: ["slf"])  # modes run for every method
     baselines: list[str] = field(default_factory=lambda: ["simclr"])  # registered methods run beside train.method
     fpre_method: str = "simclr"  # pretrained as f_pre for the clustering stage when pseudo.fpre is null
+    figures: bool = True  # summary.png, curves.png (rows with eval.curves) and tsne.png beside summary.md
+    tsne_n: int = 2000  # t-SNE of the encoders' features on the first n test images; 0 = no t-SNE
 
 
 @dataclass

@@ -5,7 +5,9 @@ selection on the test set. The work is sharded over every rank of the launch in 
 (eval_blocks.py), each finished block cached in the run folder, so `results.json` is the same on any
 number of ranks and a requeued evaluation skips what is done. AutoAttack may be restricted to the
 first `eval.aa_n` test images (it is slow); SA and RA on that same subset are recorded beside it, so
-AA ≤ RA ≤ SA can be checked on identical images. Per-image flags go to `flags.npz`.
+AA ≤ RA ≤ SA can be checked on identical images. Per-image flags go to `flags.npz`. With `eval.curves`,
+the gradient-masking curves and checks (masking.py) run on those images too, through the same blocks and
+cache: results.json gets `curves` and `checks`, the run folder `curves.png`.
 """
 from __future__ import annotations
 
@@ -25,11 +27,13 @@ from .distributed import DistInfo, distributed_session
 from .engine.checkpoint import load_checkpoint
 from .engine.preemption import StopRequest
 from .eval_blocks import CACHE, EvaluationStopped, FlagCache, file_sha256, sharded_flags
+from .masking import masking_checks, robustness_curves
 from .models import BACKBONES, Classifier
 from .rng import StepRandom, step_seed
 from .run_folder import RunFolder, save_array, write_json
 
 RESULTS = "results.json"
+CURVES = "curves.png"
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Classifier:
@@ -162,6 +166,13 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopReques
             if aa_n:
                 aa = sharded_flags("autoattack", autoattack_block(model, a.eps, e.seed), 1,
                                    indices=range(aa_n), **common)[0]
+            curves = None
+            if e.curves:  # on the AutoAttack images (their RA and AA are then compared on the same images)
+                n_curves = min(e.aa_n or n, n)
+                curves = robustness_curves(
+                    model, lambda name, block, rows: sharded_flags(name, block, rows, indices=range(n_curves),
+                                                                   **common),
+                    a.eps, a.step_size, a.eval_steps, e.seed, e.square_queries)
         except EvaluationStopped:
             log("stopped on the launcher's signal; finished blocks are cached, the requeued job resumes there")
             if run is not None:
@@ -181,8 +192,20 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopReques
             results["AA"] = percent(aa)
             results["aa_subset"] = {"n": aa_n, "SA": percent(clean[:aa_n]), "RA": percent(robust[:aa_n]),
                                     "AA": percent(aa)}
+        if curves is not None:
+            same = slice(0, curves["n"])
+            results["curves"] = curves
+            results["checks"] = masking_checks(curves, percent(robust[same]),
+                                               percent(aa) if aa is not None and len(aa) == curves["n"] else None)
+            failed = [name for name, check in results["checks"].items() if not check["pass"]]
+            log(f"gradient-masking checks on {curves['n']} images: {len(results['checks']) - len(failed)} of "
+                f"{len(results['checks'])} pass" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
         results["seconds"] = round(time.perf_counter() - t0, 1)
         if info.is_main:
+            if curves is not None:
+                from .figures import plot_curves  # matplotlib: imported only by runs that draw
+
+                plot_curves([(f"{meta['method']} + {meta['finetune'].upper()}", curves)], out / CURVES)
             save_array({"index": np.arange(n), "clean": clean.astype(bool), "robust": robust.astype(bool),
                         "autoattack": (aa if aa is not None else np.zeros(0, np.uint8)).astype(bool)},
                        out / "flags.npz")

@@ -11,56 +11,85 @@ robustness", §5) list the symptoms to rule out, and the AdvCL paper (Figure 3) 
 
 `robustness_curves` measures RA against ε and against PGD steps (plus Square at the run's ε) on a set of
 images; `masking_checks` turns those numbers into pass/fail verdicts with the numbers that decided them.
+tools/evaluate.py runs both on the AutoAttack images when `eval.curves=true` (results.json: `curves`,
+`checks`; figure: curves.png).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
+
+from .rng import step_seed
 
 EPS_GRID_255 = (0, 2, 4, 8, 12, 16, 32)  # ε / 255 for the paper's ε = 8/255; scaled to the run's ε
 STEPS_GRID = (5, 10, 20, 50, 100)
-PAPER_EPS = 8 / 255
 NEAR_ZERO = 5.0  # % "RA at the largest ε near 0": at 4× the run's ε almost no image should survive
 
 
 def eps_grid(run_eps: float) -> list[float]:
     """The ε values of the RA-vs-ε curve, scaled so that the grid's 8/255 is the run's ε."""
-    return [e / 255 * run_eps / PAPER_EPS for e in EPS_GRID_255]
+    return [run_eps * e / 8 for e in EPS_GRID_255]  # e = 8 gives run_eps exactly
 
 
-def square_flags(model, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int, seed: int) -> torch.Tensor:
-    """Per-image correctness under the Square attack (L∞, margin loss; AutoAttack's black-box member)."""
+def square_block(model, eps: float, queries: int, seed: int):
+    """Correctness under Square (L∞, margin loss; AutoAttack's black-box member) of a block, seeded by
+    (seed, the block's first position): independent of the sharding, as AutoAttack's blocks are."""
     from pyautoattack.square import SquareAttack
 
     from .evaluate import correct_within_ball
 
-    attack = SquareAttack(model, norm="Linf", eps=eps, n_queries=queries, seed=seed, device=x.device)
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):  # it reseeds the global RNG
-        with torch.no_grad():
-            x_adv = attack.perturb(x, y)
-    return correct_within_ball(model, x, x_adv, y, eps, len(x), "Square")
+    def run(x, y, block_indices, start):
+        attack = SquareAttack(model, norm="Linf", eps=eps, n_queries=queries, device=x.device,
+                              seed=step_seed(seed, start, 3) % 2**31)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):  # it reseeds torch's RNG
+            with torch.no_grad():
+                x_adv = attack.perturb(x, y)
+        return correct_within_ball(model, x, x_adv, y, eps, len(x), "Square")[None]
+
+    return run
 
 
-def robustness_curves(model, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, eps: float, step_size: float,
-                      steps: int, seed: int, square_queries: int = 5000) -> dict:
-    """RA (%) of `model` ([0, 1] images → logits, eval mode) on images `x`, labels `y`:
-    against ε (`eps_grid(eps)`, PGD-`steps`, the step size scaled with ε), against PGD steps
-    (`STEPS_GRID` at `eps`), and under Square at `eps` (`square_queries` queries; 0 leaves it out).
-    An image's PGD random start depends on (seed, its index in `indices`) only, as in the evaluation."""
-    # the evaluation's own attack and percentages, so that the curves measure what its RA measures
-    from .evaluate import percent, pgd_block
+Measure = Callable[[str, Callable, int], np.ndarray]
+
+
+def in_memory(x: torch.Tensor, y: torch.Tensor, indices) -> Measure:
+    """A `measure` for `robustness_curves` on images held in memory, attacked as one block."""
+    return lambda name, run_block, rows: run_block(x, y, [int(i) for i in indices], 0).cpu().numpy()
+
+
+def robustness_curves(model, measure: Measure, eps: float, step_size: float, steps: int, seed: int,
+                      square_queries: int = 5000) -> dict:
+    """RA (%) of `model` ([0, 1] images → logits, eval mode) on the images `measure` attacks: against ε
+    (`eps_grid(eps)`, PGD-`steps`, the step size scaled with ε), against PGD steps (`STEPS_GRID` at `eps`),
+    and under Square at `eps` (`square_queries` queries; 0 leaves it out).
+
+    `measure(name, run_block, rows)` returns the flags [rows, n] of a block function (evaluate.pgd_block's
+    form) over the images: the evaluation shards and caches them (eval_blocks.sharded_flags), `in_memory`
+    runs them at once. The attack is the evaluation's own (per-image random starts from (seed, index)), and
+    a PGD at the run's (ε, steps) is named as the evaluation's, so its cached blocks are reused."""
+    from .evaluate import percent, pgd_block  # the evaluation's attack and percentages: RA means the same
+
+    if eps <= 0:
+        raise ValueError(f"robustness curves need the run's ε > 0 (attack.eps), got {eps}")
+    flags = {}
 
     def robust(e: float, k: int) -> float:
-        return percent(pgd_block(model, e, step_size * e / eps, k, seed)(x, y, indices, 0)[1].cpu().numpy())
+        name = f"pgd{k}" if e == eps else f"pgd{k}-eps{e * 255:.4g}"
+        if name not in flags:
+            flags[name] = measure(name, pgd_block(model, e, step_size * e / eps, k, seed), 2)
+        return percent(flags[name][1])
 
-    with torch.no_grad():
-        clean = model(x).argmax(1) == y
     grid = eps_grid(eps)
-    curves = {"n": len(y), "SA": percent(clean.cpu().numpy()), "eps": eps, "steps": steps,
-              "eps_grid": grid, "ra_vs_eps": [robust(e, steps) for e in grid],
-              "steps_grid": list(STEPS_GRID), "ra_vs_steps": [robust(eps, k) for k in STEPS_GRID]}
+    ra_vs_eps = [robust(e, steps) for e in grid]
+    ra_vs_steps = [robust(eps, k) for k in STEPS_GRID]
+    clean = flags[f"pgd{steps}"][0]  # at the run's ε: the grid holds it exactly
+    curves = {"n": int(clean.size), "SA": percent(clean), "eps": eps, "steps": steps, "eps_grid": grid,
+              "ra_vs_eps": ra_vs_eps, "steps_grid": list(STEPS_GRID), "ra_vs_steps": ra_vs_steps}
     if square_queries:
-        square = square_flags(model, x, y, eps, square_queries, seed)
-        curves["square"] = {"queries": square_queries, "RA": percent(square.cpu().numpy())}
+        square = measure(f"square{square_queries}", square_block(model, eps, square_queries, seed), 1)[0]
+        curves["square"] = {"queries": square_queries, "RA": percent(square)}
     return curves
 
 

@@ -144,7 +144,7 @@ def run_pipeline(cfg: Config, stop: StopRequest | None = None) -> list[dict] | N
             record()
         rows = [read_json(s.folder / RESULTS) for s in stages if s.done_when == RESULTS]
         if main:
-            write_summary(rows, root)
+            write_summary(rows, root, cfg, info.device)
         return rows
 
 
@@ -170,7 +170,8 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(rows: list[dict], root: Path) -> None:
+def write_summary(rows: list[dict], root: Path, cfg: Config | None = None, device="cpu") -> None:
+    """summary.md / summary.json, and with `cfg.pipeline.figures` the figures (summary_figures.py) it links."""
     table = summary_table(rows)
     note = ""
     if rows:
@@ -180,6 +181,12 @@ def write_summary(rows: list[dict], root: Path) -> None:
         note = (f"Accuracies in % on the test split ({first['n_test']} images); RA = PGD-{steps}, "
                 f"AA = AutoAttack standard; L∞ ε = {first['attack']['eps_255']}/255. Reported: {chosen} "
                 "(no selection on the test set).\n")
-    write_text(f"# Results — {root}\n\n{table}\n{note}", root / "summary.md")
+    figures = ""
+    if cfg is not None and cfg.pipeline.figures and rows:
+        from .summary_figures import write_figures  # matplotlib, scikit-learn: imported only to draw
+
+        written = write_figures(rows, root, cfg, cfg.pipeline.tsne_n, device)
+        figures = "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in written)
+    write_text(f"# Results — {root}\n\n{table}\n{note}{figures}", root / "summary.md")
     write_json({"rows": rows, "written": now()}, root / "summary.json")
     print(table, end="", flush=True)

@@ -13,6 +13,7 @@ from advcl_dist.data import (
     build_loader,
     get_dataset,
 )
+from advcl_dist.data.datasets import digits_pixels
 from dataset_files import write_cifar10, write_cifar100, write_imagefolder, write_stl10
 
 
@@ -23,6 +24,15 @@ def _assert_matches(dataset, images, labels):
         assert image.dtype == torch.uint8 and image.shape == images[i].shape
         assert torch.equal(image, torch.from_numpy(np.ascontiguousarray(images[i])))
         assert isinstance(label, int) and label == labels[i]
+
+
+def test_digits_are_scikit_learns_load_digits():
+    """Read from scikit-learn's data file without importing scikit-learn: the same pixels and labels."""
+    pixels, labels = digits_pixels()
+    reference = load_digits()
+    assert pixels.dtype == reference.images.dtype and pixels.shape == reference.images.shape == (1797, 8, 8)
+    np.testing.assert_array_equal(pixels, reference.images)
+    np.testing.assert_array_equal(labels, reference.target)
 
 
 def test_digits_shapes_split_and_determinism():

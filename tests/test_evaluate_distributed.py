@@ -98,6 +98,11 @@ def test_the_flags_are_worth_comparing(runs):
     assert aa.sum() < clean[:AA_N].sum() and not (aa & ~clean[:AA_N]).any()
     assert results["SA"] == round(100 * clean.mean(), 2) and results["RA"] == round(100 * robust.mean(), 2)
     assert results["AA"] == round(100 * aa.mean(), 2)
+    # AutoAttack's images also get SA and RA on their own, so that AA ≤ RA ≤ SA is read on the same images
+    assert results["attack"]["autoattack"] == "standard" and results["attack"]["aa_n"] == AA_N
+    assert results["aa_subset"] == {"n": AA_N, "SA": round(100 * clean[:AA_N].mean(), 2),
+                                    "RA": round(100 * robust[:AA_N].mean(), 2), "AA": results["AA"]}
+    assert results["aa_subset"]["AA"] <= results["aa_subset"]["RA"] <= results["aa_subset"]["SA"]
 
 
 def test_three_ranks_log_the_blocks_they_run(runs):

@@ -157,17 +157,6 @@ def test_transfer_to_stl10_resizes_to_the_pretraining_size(tmp_path, pretrained)
         assert model(to_float(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))).shape == (1, 10)
 
 
-@pytest.mark.integration  # AutoAttack in full on CPU: minutes
-def test_evaluation_with_autoattack_writes_aa_beside_sa_and_ra_of_the_same_images(tmp_path, pretrained):
-    # A large ε so that APGD-CE breaks every image and the other three attacks have nothing left to do.
-    finetune(ft_cfg(tmp_path, pretrained, "eval.autoattack=true", "eval.aa_n=16", "attack.eps=0.5"))
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["attack"]["autoattack"] == "standard" and results["attack"]["aa_n"] == 16
-    subset = results["aa_subset"]
-    assert subset["n"] == 16 and results["AA"] == subset["AA"]
-    assert 0 <= subset["AA"] <= subset["RA"] <= subset["SA"] <= 100
-
-
 def test_load_classifier_of_a_pretraining_checkpoint_says_to_finetune_it_first(pretrained):
     with pytest.raises(ConfigError, match="must be finetuned first"):
         load_classifier(pretrained)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from advcl_dist.masking import STEPS_GRID, eps_grid, masking_checks, noise, robustness_curves
+from advcl_dist.masking import STEPS_GRID, eps_grid, in_memory, masking_checks, noise, robustness_curves
 
 EPS, STEP = 8 / 255, 4 / 255
 N = 100
@@ -46,7 +46,7 @@ def analytic_ra(c, e):
 
 def curves_of(model, problem, queries=1000):
     _, _, x, y = problem
-    return robustness_curves(model, x, y, torch.arange(N), EPS, STEP, 10, seed=0, square_queries=queries)
+    return robustness_curves(model, in_memory(x, y, range(N)), EPS, STEP, 10, seed=0, square_queries=queries)
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,27 @@
 """The pipeline runs every stage once: finished stages are skipped, a failed one runs again."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from matplotlib.image import imread
 
 from advcl_dist import pipeline
 from advcl_dist.config import load_config
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["data.name=digits", "data.workers=0", "model.width=4", "model.proj_dim=16", "train.batch_size=256",
         "train.epochs=1", "optim.warmup_epochs=0", "attack.steps=1", "pseudo.ks=[2,10]", "finetune.epochs=1",
         "finetune.batch_size=256", "attack.eval_steps=1", "eval.autoattack=false", "eval.batch_size=360",
         "pipeline.finetune=[slf]", "pipeline.baselines=[simclr]"]
+
+
+# the gradient-masking curves on 20 images (Square with 20 queries) and the t-SNE of 50: the figures' inputs
+CURVES = ["eval.curves=true", "eval.aa_n=20", "eval.square_queries=20", "pipeline.tsne_n=50"]
 
 
 class Boom(RuntimeError):
@@ -41,7 +51,7 @@ def test_stages_follow_what_the_methods_declare_they_need(tmp_path):
 
 
 def test_skips_finished_stages_and_reruns_a_failed_one(tmp_path, monkeypatch, capsys):
-    cfg = load_config(None, [f"out_dir={tmp_path}", *TINY])
+    cfg = load_config(None, [f"out_dir={tmp_path}", *TINY, *CURVES])
     real_finetune = pipeline.finetune
 
     def failing(stage_cfg, stop=None):
@@ -73,6 +83,23 @@ def test_skips_finished_stages_and_reruns_a_failed_one(tmp_path, monkeypatch, ca
     assert summary["rows"] == rows
     table = (tmp_path / "summary.md").read_text()
     assert "| advcl | SLF | digits |" in table and "| simclr | SLF | digits |" in table
+    for row in rows:  # curves on the first 20 test images: at ε = 0 and at the run's ε, the evaluation's flags
+        folder = tmp_path / f"{row['method']}-slf"
+        curves, flags = row["curves"], np.load(folder / "flags.npz")
+        assert curves["n"] == 20 and curves["SA"] == curves["ra_vs_eps"][0] == 100 * flags["clean"][:20].mean()
+        assert curves["ra_vs_eps"][3] == 100 * flags["robust"][:20].mean()  # the grid's 8/255 is the run's ε
+        assert set(row["checks"]) == {"ra_non_increasing_in_eps", "ra_near_zero_at_largest_eps",
+                                      "more_steps_do_not_raise_ra", "black_box_not_stronger"}  # no AA: no AA check
+        assert imread(folder / "curves.png").shape[0] > 100
+    for figure in ("summary", "curves", "tsne"):
+        assert f"![{figure}]({figure}.png)" in table
+        assert imread(tmp_path / f"{figure}.png").shape[0] > 100
+
+    # tools/plot.py redraws a figure of any finished run: here the t-SNE of one pretraining run folder
+    tsne = subprocess.run([sys.executable, "tools/plot.py", "tsne", str(tmp_path / "advcl"), "--n", "40"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert tsne.returncode == 0 and tsne.stdout.strip() == str(tmp_path / "advcl" / "tsne.png"), tsne.stderr
+    assert imread(tmp_path / "advcl" / "tsne.png").shape[0] > 100
 
     pipeline.run_pipeline(cfg)
     assert "running" not in capsys.readouterr().out

@@ -113,8 +113,9 @@ def _torchvision_resnet50(weights: dict, path: Path) -> nn.Module:
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset, batch_size: int, image_size: int | None,
-                     device: torch.device) -> torch.Tensor:
-    """L2-normalised float32 features [len(dataset), D] on `device`, row i = dataset item i.
+                     device: torch.device, labels: list | None = None) -> torch.Tensor:
+    """L2-normalised float32 features [len(dataset), D] on `device`, row i = dataset item i; the items'
+    labels are appended to `labels` when a list is given.
 
     Eval mode (running BN statistics), so a row does not depend on which images share its batch.
     """
@@ -123,10 +124,12 @@ def extract_features(encoder: nn.Module, dataset, batch_size: int, image_size: i
     device = torch.device(device)
     encoder.eval()
     rows = []
-    for x, _ in ordered_batches(dataset, batch_size, image_size, device):
+    for x, y in ordered_batches(dataset, batch_size, image_size, device):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             h = encoder(x)
         rows.append(F.normalize(h.float(), dim=1))
+        if labels is not None:
+            labels.extend(y.tolist())
     return torch.cat(rows)
 
 

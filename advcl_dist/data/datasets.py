@@ -1,11 +1,15 @@
 """Datasets of ``(uint8 [3,H,W] image, int label)`` in a fixed order, so that an index names one image.
 
-Augmentation is not done here: it runs later, batched on the device.
+Augmentation is not done here: it runs later, batched on the device. torchvision is imported only for
+the datasets read through it (CIFAR, STL-10, ImageFolder): importing it costs ~2 s (it pulls in
+torch._dynamo), paid by every process of every launch otherwise.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets import CIFAR10, CIFAR100, STL10, ImageFolder
-from torchvision.io import ImageReadMode, decode_image
 
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagefolder")
 
@@ -58,16 +60,11 @@ class TensorImageDataset(Dataset):
         return image, int(self.labels[index])
 
 
-class ImageFolderDataset(ImageFolder):
-    """ImageFolder that yields uint8 RGB tensors at native size."""
-
-    def __init__(self, root: str | Path):
-        super().__init__(str(root), loader=read_rgb)
-
-
 def read_rgb(path: str) -> torch.Tensor:
     """Decode an image file to uint8 ``[3,H,W]`` RGB (grey and alpha are converted)."""
     if path.lower().endswith(_NATIVE_DECODE_SUFFIXES):
+        from torchvision.io import ImageReadMode, decode_image
+
         return decode_image(path, mode=ImageReadMode.RGB)
     with Image.open(path) as img:
         array = np.asarray(img.convert("RGB"))
@@ -78,23 +75,35 @@ def _without_md5(files: list[list[str]]) -> list[list[str | None]]:
     return [[name, None] for name, _ in files]
 
 
-# torchvision checks md5 on every read; these readers only check that the files exist (md5=None), so that
-# md5 is verified once, at download time, by the original classes.
-class _CIFAR10Reader(CIFAR10):
-    train_list = _without_md5(CIFAR10.train_list)
-    test_list = _without_md5(CIFAR10.test_list)
-    meta = {**CIFAR10.meta, "md5": None}
+@functools.cache
+def _torchvision_classes() -> dict[str, type]:
+    """torchvision's dataset classes and ours built on them, on first use.
+
+    torchvision checks md5 on every read; the readers only check that the files exist (md5=None), so that
+    md5 is verified once, at download time, by the original classes."""
+    from torchvision.datasets import CIFAR10, CIFAR100, STL10, ImageFolder
+
+    class ImageFolderDataset(ImageFolder):
+        """ImageFolder that yields uint8 RGB tensors at native size."""
+
+        def __init__(self, root: str | Path):
+            super().__init__(str(root), loader=read_rgb)
+
+    def reader(original, **extra):
+        return type(f"_{original.__name__}Reader", (original,), {"train_list": _without_md5(original.train_list),
+                                                                 "test_list": _without_md5(original.test_list),
+                                                                 **extra})
+
+    return {"CIFAR10": CIFAR10, "CIFAR100": CIFAR100, "STL10": STL10, "ImageFolderDataset": ImageFolderDataset,
+            "CIFAR10Reader": reader(CIFAR10, meta={**CIFAR10.meta, "md5": None}),
+            "CIFAR100Reader": reader(CIFAR100, meta={**CIFAR100.meta, "md5": None}),
+            "STL10Reader": reader(STL10)}
 
 
-class _CIFAR100Reader(CIFAR100):
-    train_list = _without_md5(CIFAR100.train_list)
-    test_list = _without_md5(CIFAR100.test_list)
-    meta = {**CIFAR100.meta, "md5": None}
-
-
-class _STL10Reader(STL10):
-    train_list = _without_md5(STL10.train_list)
-    test_list = _without_md5(STL10.test_list)
+def __getattr__(name: str):
+    if name == "ImageFolderDataset":  # torchvision's ImageFolder yielding uint8 RGB tensors, built on first use
+        return _torchvision_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_dataset(name: str, split: str, root: str | Path | None = None, download: bool = False) -> Dataset:
@@ -106,10 +115,10 @@ def get_dataset(name: str, split: str, root: str | Path | None = None, download:
         raise ValueError(f"unknown split {split!r} for dataset {name!r}; valid splits: {valid}")
     if name == "digits":
         return _digits(split)
-    if name == "cifar10":
-        return _cifar(CIFAR10, _CIFAR10Reader, "CIFAR-10", split, root, download)
-    if name == "cifar100":
-        return _cifar(CIFAR100, _CIFAR100Reader, "CIFAR-100", split, root, download)
+    if name in ("cifar10", "cifar100"):
+        tv = _torchvision_classes()
+        original = "CIFAR10" if name == "cifar10" else "CIFAR100"
+        return _cifar(tv[original], tv[f"{original}Reader"], f"CIFAR-{original[5:]}", split, root, download)
     if name == "stl10":
         return _stl10(split, root, download)
     return _imagefolder(split, root)
@@ -126,16 +135,32 @@ def num_classes(dataset: Dataset) -> int:
     return int(labels.max()) + 1 if len(labels) else 0
 
 
+def digits_pixels() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 digits: images [N, 8, 8] (float, 0-16) and labels [N], as `load_digits` gives them.
+
+    Read from the file scikit-learn ships (`sklearn/datasets/data/digits.csv.gz`: 64 pixels and the label
+    per row) without importing scikit-learn, which would add ~1.7 s to every process's start-up; through
+    `load_digits` if that file is not where it used to be."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+
+
 @functools.lru_cache(maxsize=1)
 def _digits_all() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """All 1797 digits as uint8 [N,3,32,32], their labels, and the fixed split permutation."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    small = torch.from_numpy(digits.images).to(torch.float32).unsqueeze(1) * (255.0 / 16.0)
+    pixels, target = digits_pixels()
+    small = torch.from_numpy(pixels).to(torch.float32).unsqueeze(1) * (255.0 / 16.0)
     big = F.interpolate(small, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
     images = big.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    labels = torch.from_numpy(digits.target).to(torch.int64)
+    labels = torch.from_numpy(target).to(torch.int64)
     perm = np.random.default_rng(0).permutation(len(images))
     return images, labels, perm
 
@@ -187,26 +212,28 @@ def _cifar(original, reader, title: str, split: str, root, download: bool) -> Te
 
 def _stl10(split: str, root, download: bool) -> TensorImageDataset:
     title = "STL-10"
-    root = _require_root(title, root, _STL10Reader.base_folder)
+    tv = _torchvision_classes()
+    reader = tv["STL10Reader"]
+    root = _require_root(title, root, reader.base_folder)
     if download:
         # The split read here only verifies the download; "test" is the smallest one that checks all files.
-        STL10(str(root), split="test", download=True)
-    files = [name for name, _ in _STL10Reader.train_list + _STL10Reader.test_list]
-    _require_files(title, root / _STL10Reader.base_folder, files, _download_fix(_STL10Reader.base_folder))
-    data = _STL10Reader(str(root), split=split)
+        tv["STL10"](str(root), split="test", download=True)
+    files = [name for name, _ in reader.train_list + reader.test_list]
+    _require_files(title, root / reader.base_folder, files, _download_fix(reader.base_folder))
+    data = reader(str(root), split=split)
     # data.data is already [N,3,96,96] (a transposed view); it stays a view to avoid copying 2.7 GB.
     images = torch.from_numpy(data.data)
     labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
     return TensorImageDataset(images, labels, classes=getattr(data, "classes", None))
 
 
-def _imagefolder(split: str, root) -> ImageFolderDataset:
+def _imagefolder(split: str, root) -> Dataset:
     title = "ImageFolder"
     root = _require_root(title, root, "train/ and test/ (one subfolder per class in each)")
     folder = root / split
     fix = f"Set data.root to the folder that contains {split}/, laid out as {split}/<class>/<image files>."
     _require_files(title, folder, [], fix)
     try:
-        return ImageFolderDataset(folder)
+        return _torchvision_classes()["ImageFolderDataset"](folder)
     except FileNotFoundError as err:  # no class folders, or no images in them
         raise DatasetNotFoundError(f"{title} has no images under {folder}: {err} {fix}") from err

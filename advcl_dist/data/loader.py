@@ -10,7 +10,6 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
-from torchvision.transforms.v2 import functional as TF
 
 from advcl_dist.data.augment import to_float
 
@@ -42,6 +41,8 @@ def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     """Shorter side to ``size``, then a central square crop, so that variable-size images batch together."""
     if tuple(image.shape[-2:]) == (size, size):
         return image
+    from torchvision.transforms.v2 import functional as TF  # only for images of another size (import: ~2 s)
+
     image = TF.resize(image, [size], antialias=True)
     return TF.center_crop(image, [size, size])
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import nn
 
 from .branch_bn import BRANCHES, BranchBatchNorm, Plan
+
+if TYPE_CHECKING:
+    import torchvision
 
 
 class Shortcut(nn.Sequential):
@@ -83,6 +86,8 @@ class BranchResNet50(nn.Module):
         for name in ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"):
             self.add_module(name, getattr(net, name))
         self.feat_dim = net.fc.in_features
+        import torchvision
+
         for block in self.blocks():  # fail here, not mid-training, if torchvision's layout ever changes
             if not isinstance(block, torchvision.models.resnet.Bottleneck):
                 raise TypeError(f"expected torchvision Bottleneck blocks, got {type(block).__name__}")
@@ -112,6 +117,8 @@ class BranchResNet50(nn.Module):
 
 def resnet50(branches=BRANCHES) -> nn.Module:
     """torchvision's ResNet-50 (ImageNet-size inputs) with branch BN and the classifier removed."""
+    import torchvision  # here, not at import: it costs ~2 s of every process's start-up
+
     return BranchResNet50(torchvision.models.resnet50(weights=None, norm_layer=partial(BranchBatchNorm,
                                                                                         branches=branches)))
 
