@@ -9,9 +9,10 @@ EXTRAS ?= dev,deepspeed,ffcv
 STAMP := $(VENV)/.installed-$(EXTRAS)
 APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev slurm-wlm munge
 PYTEST_ARGS ?=
-# One pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once).
+# One pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once), and
+# files go out in the order tests/conftest.py gives them (slowest tier first), not re-sorted by test count.
 PYTEST_WORKERS ?= auto
-PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: install system-packages demo test test-fast lint clean
 
@@ -38,8 +39,10 @@ $(STAMP): setup.py
 	@if [[ ",$(EXTRAS)," == *,ffcv,* ]]; then $(BIN)/python -c "import ffcv.loader, importlib.metadata as m; print('ffcv', m.version('ffcv'))"; fi
 	touch $@
 
+# `make demo SEED=1`: the whole demo again with another train.seed (every stage's random streams), in runs/demo-seed1
+SEED ?=
 demo: install
-	$(BIN)/python tools/pipeline.py --config configs/demo.yaml
+	$(BIN)/python tools/pipeline.py --config configs/demo.yaml $(if $(SEED),train.seed=$(SEED) out_dir=runs/demo-seed$(SEED))
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)

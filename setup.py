@@ -27,7 +27,7 @@ setup(
         "ffcv": ["ffcv==1.0.2", "numba", "opencv-python", "pillow"],
         "deepspeed": ["deepspeed>=0.14"],
         "gpu": ["faiss-gpu"],
-        "dev": ["pytest>=7.4", "pytest-xdist>=3.5", "ruff>=0.4"],
+        "dev": ["pytest>=7.4", "pytest-xdist>=3.8", "ruff>=0.4"],
     },
     classifiers=[
         "Programming Language :: Python :: 3.10",

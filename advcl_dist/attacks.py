@@ -14,6 +14,14 @@ import torch
 from .rng import StepRandom
 
 
+def ramp(step: int, steps_per_epoch: int, ramp_epochs: float) -> float:
+    """The share of ε (and of the step size) a pretraining attack uses at 0-based `step`: linear from
+    1/n to 1 over the first n = ramp_epochs · steps_per_epoch steps, then 1 (`attack.eps_ramp_epochs`)."""
+    if ramp_epochs <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / (ramp_epochs * steps_per_epoch))
+
+
 @dataclass(frozen=True)
 class PGDResult:
     x_adv: torch.Tensor  # detached, float32 (float64 for float64 x), within the ε-ball around x and [0, 1]

@@ -198,6 +198,7 @@ def validate(cfg: Config) -> None:
     a = cfg.attack
     need(a.eps >= 0 and a.step_size >= 0 and min(a.steps, a.supervised_steps, a.eval_steps) >= 0, "attack",
          "eps, step_size and the step counts must be >= 0")
+    need(cfg.attack.eps_ramp_epochs >= 0, "attack.eps_ramp_epochs", "must be >= 0 (0: constant ε)")
     need(0 < cfg.views.crop_scale_min <= 1, "views.crop_scale_min", "must be in (0, 1]")
     for name in METHOD_SETTINGS:
         section = getattr(cfg, name, None)

@@ -55,6 +55,9 @@ class AttackConfig:
     supervised_steps: int = 10  # PGD-10 of ALF, of AFF's TRADES inner loop and of the supervised_at baseline
     eval_steps: int = 20  # PGD-20 of the reported robust accuracy (RA)
     random_start: bool = True
+    # Pretraining only: ε and the step size grow linearly from 1/n to their values over the first n steps
+    # of this many epochs (attacks.ramp). 0 = the paper's constant ε from the first step.
+    eps_ramp_epochs: float = 0.0
 
 
 @dataclass

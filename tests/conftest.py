@@ -4,11 +4,13 @@ Under pytest-xdist (`make test` runs one worker per core, a file per worker at a
 every process a test starts, computes on one thread: the tests' tensors are tiny, and two workers × two
 threads on two cores would only wait on each other. Alone (`pytest tests/test_x.py`), torch keeps its default.
 
-Files are handed out slowest tier first (SLURM jobs, then multi-process runs, then whole tools), so that the
-long, mostly waiting SLURM file overlaps the others instead of running alone at the end.
+Files are handed out slowest tier first (SLURM jobs, then multi-process runs, then whole tools; the Makefile's
+--no-loadscope-reorder keeps xdist from re-sorting them by test count), so that the two SLURM files, which
+partly wait on jobs, start together and overlap the rest instead of running alone at the end.
 """
 import os
 
+import pytest
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -26,3 +28,11 @@ def pytest_collection_modifyitems(items):
         tier[item.path] = min(tier.get(item.path, rank), rank)
     position = {item: i for i, item in enumerate(items)}
     items.sort(key=lambda item: (tier[item.path], position[item]))  # a file's tests stay together, in order
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The local SLURM cluster of tests/slurm_jobs.py, up (started once if needed)."""
+    from slurm_jobs import ensure_cluster
+
+    ensure_cluster()

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from advcl_dist.attacks import pgd
+from advcl_dist.attacks import pgd, ramp
 from advcl_dist.rng import StepRandom
 
 
@@ -62,3 +62,9 @@ def test_pgd_is_reproducible_with_a_step_random():
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
+
+
+def test_ramp_grows_linearly_to_one_over_its_epochs():
+    assert ramp(0, 11, 0) == ramp(500, 11, 0) == 1.0  # no ramp: the paper's constant ε
+    assert [ramp(s, 10, 2) for s in (0, 4, 9, 18, 19, 20, 400)] == [1 / 20, 5 / 20, 10 / 20, 19 / 20, 1, 1, 1]
+    assert ramp(2, 4, 0.5) == 1.0  # a ramp shorter than an epoch

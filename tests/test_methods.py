@@ -188,3 +188,28 @@ def test_supervised_at_refuses_a_split_with_unlabelled_images_before_training():
     cfg = load_config(None, ["data.name=stl10", "data.split=train+unlabeled", "train.method=supervised_at"])
     with pytest.raises(ValueError, match=r"data.split=train\+unlabeled .*data.split=train"):
         build_method(cfg, 105000, torch.device("cpu"), num_classes=10)
+
+
+@pytest.mark.parametrize("name", ["advcl", "supervised_at"])
+def test_eps_ramp_attacks_with_the_share_of_eps_and_step_size_of_its_step(name):
+    """attack.eps_ramp_epochs=2 with 10 steps an epoch: step 4 (0-based) attacks with 5/20 of ε and of the step
+    size, exactly as a constant-ε run configured with those values; from step 19 on, with all of them."""
+    images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(B) % 10
+
+    def loss(step, *overrides):
+        cfg = load_config(None, ["data.name=digits", "model.width=4", "model.proj_dim=16", "attack.steps=3",
+                                 f"train.method={name}", *overrides])
+        method = build_method(cfg, 100, torch.device("cpu"), num_classes=10)
+        torch.manual_seed(0)
+        model = method.build_model()
+        ctx = StepContext(step=step, epoch=0, total_steps=100, steps_per_epoch=10, random=StepRandom("cpu", 1),
+                          model=model, module=model, images=images, labels=labels,
+                          indices=torch.arange(B))
+        return method.training_step(ctx).loss.item()
+
+    eps, step_size = 8 / 255, 2 / 255
+    ramped = loss(4, "attack.eps_ramp_epochs=2")
+    assert ramped == loss(4, f"attack.eps={eps * 5 / 20}", f"attack.step_size={step_size * 5 / 20}")
+    assert ramped != loss(4)
+    assert loss(19, "attack.eps_ramp_epochs=2") == loss(19)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from ..attacks import PGDResult, pgd
+from ..attacks import PGDResult, pgd, ramp
 from ..config import ConfigError
 from ..data.augment import crop_flip_view
 from ..engine.objective import DataFacts
@@ -80,10 +80,10 @@ class AdvCL(Method):
     def pseudo_ks(self):
         return tuple(self.cfg.pseudo.ks) if self.pseudo_labels is not None else ()
 
-    def attacks(self, model, x, clean_views, pseudo, generator) -> PGDResult:
+    def attacks(self, model, x, clean_views, pseudo, generator, share: float = 1.0) -> PGDResult:
         """δ on the four-view contrastive loss of (x+δ, t1, t2, x_h) through the `pgd` branch and, with
         pseudo-labels, δ_ce on their mean CE through `pgd_ce`: x_adv = [x+δ] or [x+δ; x+δ_ce], with one
-        initial loss per attack.
+        initial loss per attack; ε and the step size times `share` (attacks.ramp).
 
         The clean views' projections are computed once, not at every PGD step. The two attacks are
         independent (same x, ε, steps; separate BN branches and losses), so with advcl.fuse_attacks each PGD step
@@ -101,7 +101,8 @@ class AdvCL(Method):
             return pseudo_label_ce([logits[rows] for logits in out["pseudo_logits"]], pseudo)
 
         def attack(objective, start, segments=1):
-            return pgd(objective, start, a.eps, a.step_size, a.steps, a.random_start, generator, segments)
+            return pgd(objective, start, a.eps * share, a.step_size * share, a.steps, a.random_start, generator,
+                       segments)
 
         if pseudo is None:
             return attack(lambda x_adv: contrastive(model(x_adv, (("pgd", b),))), x)
@@ -128,7 +129,8 @@ class AdvCL(Method):
             x_h = high_frequency(x, self.settings.hf_radius)
         pseudo = self.pseudo_labels[ctx.indices] if self.pseudo_labels is not None else None
         with record_function("advcl/attacks"):
-            adv = self.attacks(ctx.module, x, torch.cat([t1, t2, x_h]), pseudo, generator)
+            share = ramp(ctx.step, ctx.steps_per_epoch, self.cfg.attack.eps_ramp_epochs)
+            adv = self.attacks(ctx.module, x, torch.cat([t1, t2, x_h]), pseudo, generator, share)
         # Training views: x + δ (pgd), t1, t2, x_h (normal) [, x + δ_ce (pgd_ce)].
         views = [adv.x_adv[:b], t1, t2, x_h] + ([] if pseudo is None else [adv.x_adv[b:]])
         branches = ["pgd", "normal", "normal", "normal"] + ([] if pseudo is None else ["pgd_ce"])

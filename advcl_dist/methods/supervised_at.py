@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..attacks import pgd
+from ..attacks import pgd, ramp
 from ..config import ConfigError
 from ..data.augment import crop_flip_view
 from ..engine.objective import DataFacts
@@ -44,7 +44,8 @@ class SupervisedAT(Method):
         def objective(x_adv):
             return F.cross_entropy(attack_model(x_adv, plan)["pseudo_logits"][0], labels)
 
-        adv = pgd(objective, x, a.eps, a.step_size, a.supervised_steps, a.random_start, ctx.random)
+        share = ramp(ctx.step, ctx.steps_per_epoch, a.eps_ramp_epochs)
+        adv = pgd(objective, x, a.eps * share, a.step_size * share, a.supervised_steps, a.random_start, ctx.random)
         logits = model(adv.x_adv, plan)["pseudo_logits"][0]
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.detach().argmax(1) == labels).float().mean() * 100
