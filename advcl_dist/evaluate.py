@@ -169,10 +169,14 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopReques
             curves = None
             if e.curves:  # on the AutoAttack images (their RA and AA are then compared on the same images)
                 n_curves = min(e.aa_n or n, n)
-                curves = robustness_curves(
-                    model, lambda name, block, rows: sharded_flags(name, block, rows, indices=range(n_curves),
-                                                                   **common),
-                    a.eps, a.step_size, a.eval_steps, e.seed, e.square_queries)
+
+                def measure(name, block, rows):
+                    if name == f"pgd{a.eval_steps}":  # the RA just measured: its flags on these images
+                        return sa_ra[:, :n_curves]
+                    return sharded_flags(name, block, rows, indices=range(n_curves), **common)
+
+                curves = robustness_curves(model, measure, a.eps, a.step_size, a.eval_steps, e.seed,
+                                           e.square_queries)
         except EvaluationStopped:
             log("stopped on the launcher's signal; finished blocks are cached, the requeued job resumes there")
             if run is not None:

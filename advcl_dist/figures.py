@@ -55,7 +55,7 @@ def _curve_axes(ax_eps, ax_steps, series: list[tuple[str, dict]]) -> None:
 
 def plot_curves(series: list[tuple[str, dict]], path: Path) -> Figure:
     """`series`: (label, masking.robustness_curves output) per method; two panels."""
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="constrained")
     _curve_axes(*fig.subplots(1, 2), series)
     save_figure(fig, path)
     return fig
@@ -72,7 +72,7 @@ def _tsne_axis(ax, label: str, points: np.ndarray, classes: np.ndarray) -> None:
 
 def plot_tsne(panels: list[tuple[str, np.ndarray, np.ndarray]], path: Path) -> Figure:
     """`panels`: (label, t-SNE points [n, 2], classes [n]) per method; one panel each."""
-    fig = Figure(figsize=(4 * len(panels), 4))
+    fig = Figure(figsize=(4 * len(panels), 4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
     for ax, (label, points, classes) in zip(axes, panels):
         _tsne_axis(ax, label, points, classes)
@@ -105,7 +105,7 @@ def plot_summary(rows: list[dict], curves: list[tuple[str, dict]], tsne: list[tu
     """Row 1: the bars and, when measured, the two curve panels; row 2 (when given): the t-SNE panels."""
     top = 1 + 2 * bool(curves)
     columns = max(top, len(tsne))
-    fig = Figure(figsize=(4.5 * columns, 4.2 * (1 + bool(tsne))))
+    fig = Figure(figsize=(4.5 * columns, 4.2 * (1 + bool(tsne))), layout="constrained")
     grid = fig.add_gridspec(1 + bool(tsne), columns)
     _bars(fig.add_subplot(grid[0, 0]), rows)
     if curves:

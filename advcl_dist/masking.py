@@ -67,8 +67,8 @@ def robustness_curves(model, measure: Measure, eps: float, step_size: float, ste
 
     `measure(name, run_block, rows)` returns the flags [rows, n] of a block function (evaluate.pgd_block's
     form) over the images: the evaluation shards and caches them (eval_blocks.sharded_flags), `in_memory`
-    runs them at once. The attack is the evaluation's own (per-image random starts from (seed, index)), and
-    a PGD at the run's (ε, steps) is named as the evaluation's, so its cached blocks are reused."""
+    runs them at once. The attack is the evaluation's own (per-image random starts from (seed, index)); the
+    PGD at the run's (ε, steps) is named `pgd<steps>` as the evaluation's, which hands back its flags."""
     from .evaluate import percent, pgd_block  # the evaluation's attack and percentages: RA means the same
 
     if eps <= 0:
@@ -76,9 +76,12 @@ def robustness_curves(model, measure: Measure, eps: float, step_size: float, ste
     flags = {}
 
     def robust(e: float, k: int) -> float:
-        name = f"pgd{k}" if e == eps else f"pgd{k}-eps{e * 255:.4g}"
+        if e == eps:  # exactly the evaluation's attack (same name, same step size to the last bit)
+            name, step = f"pgd{k}", step_size
+        else:
+            name, step = f"pgd{k}-eps{e * 255:.4g}", step_size * e / eps
         if name not in flags:
-            flags[name] = measure(name, pgd_block(model, e, step_size * e / eps, k, seed), 2)
+            flags[name] = measure(name, pgd_block(model, e, step, k, seed), 2)
         return percent(flags[name][1])
 
     grid = eps_grid(eps)

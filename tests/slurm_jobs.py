@@ -20,7 +20,7 @@ PRETRAIN = ["train.epochs=3", "train.log_every=1", "train.ckpt_every=5", "model.
 TINY = ["model.width=4", "model.proj_dim=16", "train.batch_size=256", "train.epochs=1", "optim.warmup_epochs=0",
         "attack.steps=1", "pseudo.ks=[2,10]", "finetune.epochs=1", "finetune.batch_size=256", "attack.eval_steps=1",
         "eval.autoattack=false", "eval.batch_size=120", "pipeline.finetune=[slf]", "pipeline.baselines=[simclr]",
-        "pipeline.tsne_n=0"]
+        "pipeline.tsne_n=0", "eval.curves=false"]
 NODES = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--timeout", "20"]
 
 
