@@ -11,12 +11,11 @@ from pathlib import Path
 
 from .config import Config, config_from_yaml
 from .engine import CHECKPOINT
-from .evaluate import RESULTS
+from .evaluate import CURVES, RESULTS
 from .figures import plot_curves, plot_summary, plot_tsne
 from .run_folder import CONFIG, read_json
 from .tsne import TSNE, tsne_panels
 
-CURVES = "curves.png"
 SUMMARY = "summary.png"
 
 
