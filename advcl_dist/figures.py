@@ -41,11 +41,10 @@ def _curve_axes(ax_eps, ax_steps, series: list[tuple[str, dict]]) -> None:
         ax_eps.axvline(run["eps"] * 255, color="grey", lw=0.8, ls=":")
         ax_eps.set_title(f"RA vs ε (PGD-{run['steps']}, {run['n']} images)")
         ax_steps.set_title(f"RA vs PGD steps (ε = {run['eps'] * 255:.3g}/255)")
+        ax_steps.set_xscale("log")
+        ax_steps.set_xticks(run["steps_grid"], [str(k) for k in run["steps_grid"]])
     ax_eps.set_xlabel("ε (/255)")
     ax_steps.set_xlabel("PGD steps")
-    ax_steps.set_xscale("log")
-    ax_steps.set_xticks(series[0][1]["steps_grid"] if series else [])
-    ax_steps.set_xticklabels([str(k) for k in series[0][1]["steps_grid"]] if series else [])
     for ax in (ax_eps, ax_steps):
         ax.set_ylabel("robust accuracy (%)")
         ax.set_ylim(0, 100)
