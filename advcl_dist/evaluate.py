@@ -140,6 +140,8 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopReques
                 print(f"[evaluate] {message}", flush=True)
 
         model, state = _read_classifier(path, info.device)
+        if cfg.train.channels_last:  # a layout change only: the attacks' convolutions run faster in NHWC
+            model = model.to(memory_format=torch.channels_last)
         meta = state["classifier"]
         data = finetune_data(cfg, "test", e.beton)
         source = image_source(data)

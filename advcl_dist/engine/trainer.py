@@ -1,10 +1,11 @@
 """The one training loop: pretraining methods and finetuning modes alike (engine/objective.py).
 
 loader (uint8) → device → objective step (views, attacks, forward) → one backward → SGD with the
-objective's schedule, through DDP or DeepSpeed (engine/backends.py). bf16 autocast and channels_last
-on GPU; an atomic checkpoint every `train.ckpt_every` steps to one fixed file; auto-resume from it,
-replaying the data order and the augmentation/attack randomness exactly; a launcher's stop request
-(SIGUSR2 before a time limit) ends the loop at a step boundary with the checkpoint written.
+objective's schedule, through DDP or DeepSpeed (engine/backends.py). bf16 autocast on GPU (`train.amp`),
+channels_last weights (`train.channels_last`, GPU and CPU); an atomic checkpoint every `train.ckpt_every`
+steps to one fixed file; auto-resume from it, replaying the data order and the augmentation/attack
+randomness exactly; a launcher's stop request (SIGUSR2 before a time limit) ends the loop at a step
+boundary with the checkpoint written.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class Trainer:
         model = self.objective.build_model().to(self.device)
         if t.sync_bn and world > 1:
             model = convert_sync_batchnorm(model, self.device)
-        self.channels_last = t.channels_last and self.device.type == "cuda"
+        self.channels_last = t.channels_last
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(self.objective.param_groups(model), lr=s.lr, momentum=s.momentum,

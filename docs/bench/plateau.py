@@ -41,7 +41,11 @@ def one_seed(seed: int, steps: int, overrides: list[str], out: Path) -> dict:
     collapse = collapse_value(cfg)
     at = [loss >= collapse - WITHIN for loss in losses]
     escape = next((i + 1 for i in range(len(at)) if not any(at[i:])), None)  # first step of the last run below
-    return {"seed": seed, "steps": len(losses), "collapse": round(collapse, 3), "steps_at_collapse": sum(at),
+    a = cfg.attack
+    setting = {"eps": a.eps, "step_size": a.step_size, "attack_steps": a.steps, "eps_ramp_epochs": a.eps_ramp_epochs,
+               "amp": cfg.train.amp, "channels_last": cfg.train.channels_last}
+    return {"seed": seed, "setting": setting, "steps": len(losses), "collapse": round(collapse, 3),
+            "steps_at_collapse": sum(at),
             "left_collapse_at_step": escape, "loss_con": [round(v, 3) for v in losses],
             "attack_gain": [round(r["attack_gain"], 3) for r in rows]}
 
