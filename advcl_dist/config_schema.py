@@ -101,7 +101,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32 ("off" would read as a YAML bool)
-    channels_last: bool = True  # NHWC weights: faster convolutions on GPU and CPU (oneDNN), also in evaluation
+    # NHWC weights in training and evaluation. null: on GPU only; true: also on CPU, where oneDNN's NHWC
+    # convolutions are faster but its batch-norm backward sums less precisely (docs/benchmarks.md)
+    channels_last: bool | None = None
     ckpt_every: int = 500  # steps between checkpoints (also written at the end)
     log_every: int = 50  # steps between metric lines / TensorBoard points
     engine: str = "ddp"  # ddp (torch DistributedDataParallel; plain module on one process) | deepspeed

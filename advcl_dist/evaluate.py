@@ -26,6 +26,7 @@ from .data.source import finetune_data, image_source
 from .distributed import DistInfo, distributed_session
 from .engine.checkpoint import load_checkpoint
 from .engine.preemption import StopRequest
+from .engine.trainer import uses_channels_last
 from .eval_blocks import CACHE, EvaluationStopped, FlagCache, file_sha256, sharded_flags
 from .masking import masking_checks, robustness_curves
 from .models import BACKBONES, Classifier
@@ -140,7 +141,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopReques
                 print(f"[evaluate] {message}", flush=True)
 
         model, state = _read_classifier(path, info.device)
-        if cfg.train.channels_last:  # a layout change only: the attacks' convolutions run faster in NHWC
+        if uses_channels_last(cfg, info.device):  # a layout change: the attacks' convolutions run faster
             model = model.to(memory_format=torch.channels_last)
         meta = state["classifier"]
         data = finetune_data(cfg, "test", e.beton)

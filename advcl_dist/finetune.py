@@ -4,7 +4,7 @@
 - ALF: the same, the head trained on PGD examples (attack.supervised_steps, PGD-10);
 - AFF: the whole network, TRADES (clean CE + β·KL(clean || adversarial), inner PGD-10).
 They run in engine/trainer.py like pretraining: every rank of a launch (DDP or DeepSpeed, the global
-`finetune.batch_size` split over the ranks), the trainer's autocast and channels_last, step checkpoints
+`finetune.batch_size` split over the ranks), bf16 autocast and channels_last on GPU, step checkpoints
 to `classifier.pt`, auto-resume, graceful stop. Views are RandomCrop(padding) + flip, made on the device
 from the step's `StepRandom`; the attacks run on the plain module. No selection on the test set: the
 last epoch is kept, or, with `finetune.val_fraction` > 0, the epoch with the best robust accuracy on a

@@ -2,7 +2,7 @@
 
 loader (uint8) → device → objective step (views, attacks, forward) → one backward → SGD with the
 objective's schedule, through DDP or DeepSpeed (engine/backends.py). bf16 autocast on GPU (`train.amp`),
-channels_last weights (`train.channels_last`, GPU and CPU); an atomic checkpoint every `train.ckpt_every`
+channels_last weights (`train.channels_last`); an atomic checkpoint every `train.ckpt_every`
 steps to one fixed file; auto-resume from it, replaying the data order and the augmentation/attack
 randomness exactly; a launcher's stop request (SIGUSR2 before a time limit) ends the loop at a step
 boundary with the checkpoint written.
@@ -36,6 +36,12 @@ def autocast_for(cfg: Config, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def uses_channels_last(cfg: Config, device: torch.device) -> bool:
+    """`train.channels_last`: null = on GPU only, true / false = on every device / never."""
+    flag = cfg.train.channels_last
+    return device.type == "cuda" if flag is None else bool(flag)
+
+
 class Trainer:
     """Trains `objective` (default: the pretraining method `train.method`) on every rank of the launch."""
 
@@ -64,7 +70,7 @@ class Trainer:
         model = self.objective.build_model().to(self.device)
         if t.sync_bn and world > 1:
             model = convert_sync_batchnorm(model, self.device)
-        self.channels_last = t.channels_last
+        self.channels_last = uses_channels_last(cfg, self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(self.objective.param_groups(model), lr=s.lr, momentum=s.momentum,

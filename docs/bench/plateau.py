@@ -9,7 +9,7 @@ by several points once training takes hold).
 One process per seed (one OpenMP thread each), all with the same pseudo-labels (PSEUDO, from a demo run), so
 that only the AdvCL stage's own random stream and the candidate's settings differ. Prints and appends one JSON
 line per (candidate, seed):
-python docs/bench/plateau.py --name ramp2 --seeds 0 1 2 --steps 66 attack.eps_ramp_epochs=2
+python docs/bench/plateau.py --name constant --seeds 0 1 2 --steps 44 attack.eps_ramp_epochs=0
 """
 import argparse
 import json
