@@ -119,15 +119,16 @@ def test_bf16_autocast_training_runs_on_cpu(tmp_path):
 
 def test_channels_last_changes_the_memory_layout_not_the_network(tmp_path):
     """`train.channels_last: true` (NHWC weights on CPU too, as the demo trains: oneDNN's convolutions are
-    faster there) computes the same network: the first step's loss is the contiguous (NCHW) run's. Later
-    steps are not compared: the two layouts sum the batch-norm gradients in different orders (relative
+    faster there) computes the same network: the first step's loss is the contiguous (NCHW) run's. SimCLR,
+    because PGD's sign() would turn rounding-level differences into whole attack steps. Later steps are
+    not compared: the two layouts sum the batch-norm gradients in different orders (relative
     differences up to 1e-2 on near-zero gradients of the first layers, against 1e-5 in NCHW), and training
     amplifies that; hence the default (null) is NHWC on GPU only."""
-    nhwc = Trainer(tiny_cfg(tmp_path / "nhwc", "train.channels_last=true"))
+    nhwc = Trainer(tiny_cfg(tmp_path / "nhwc", "train.method=simclr", "train.channels_last=true"))
     conv = nhwc.model.encoder.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     nhwc.fit(stop_after_steps=1)
-    nchw = Trainer(tiny_cfg(tmp_path / "nchw"))  # the default on CPU
+    nchw = Trainer(tiny_cfg(tmp_path / "nchw", "train.method=simclr"))  # the default on CPU
     assert nchw.model.encoder.conv1.weight.is_contiguous()
     nchw.fit(stop_after_steps=1)
     a, b = losses(tmp_path / "nhwc"), losses(tmp_path / "nchw")
