@@ -22,6 +22,7 @@ setup(
         "pyautoattack>=0.2",
         "scikit-learn>=1.3",
         "matplotlib>=3.7",
+        "safetensors>=0.4",
     ],
     extras_require={
         "ffcv": ["ffcv==1.0.2", "numba", "opencv-python", "pillow"],

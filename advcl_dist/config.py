@@ -13,11 +13,10 @@ A config pickles as its YAML (submitit sends configs to the nodes), rebuilt ther
 from __future__ import annotations
 
 import argparse
-import functools
 from dataclasses import field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .config_schema import (  # noqa: F401  (re-exported: the sections are imported from here)
@@ -37,10 +36,6 @@ from .config_schema import (  # noqa: F401  (re-exported: the sections are impor
     ViewsConfig,
 )
 
-FINETUNE_MODES = ("slf", "alf", "aff")
-ENGINES = ("ddp", "deepspeed")
-KMEANS_INITS = ("kmeans++", "random")
-DATA_FORMATS = ("ffcv", "torchvision")
 # Keys that moved into a method's own section: an old preset gets the new name in its error.
 MOVED = {"loss.pseudo_weight": "advcl.pseudo_weight", "attack.fuse": "advcl.fuse_attacks",
          "views.hf_radius": "advcl.hf_radius"}
@@ -76,7 +71,8 @@ def import_plugins(plugins) -> None:
             if name in sys.modules:
                 continue
             if not path.is_file():
-                raise ConfigError(f"config key 'train.plugins': file {plugin} does not exist")
+                raise ConfigError(f"config key 'train.plugins': file {plugin} does not exist; give the path of a .py "
+                                  "file that registers methods (relative to the working folder), or a module name")
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
@@ -106,7 +102,15 @@ def _merge(base, other, source: str):
         raise ConfigError(f"unknown config key '{e.full_key}' in {source}; "
                           f"valid keys{' under ' + repr(parent) if parent else ''}: {valid}") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"config key '{e.full_key}' in {source}: {e.msg}") from None
+        raise ConfigError(f"config key '{e.full_key}' in {source}: {_first_line(e.msg)}; {TYPE_FIX}") from None
+
+
+TYPE_FIX = "give a value of the key's type (its default and comment are in advcl_dist/config_schema.py)"
+
+
+def _first_line(message: str) -> str:
+    """OmegaConf's message without the full_key / object_type lines it appends."""
+    return (str(message).strip().splitlines() or [""])[0]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -116,12 +120,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; presets live in configs/ (e.g. configs/demo.yaml)")
-        preset = OmegaConf.load(path)
+        preset = _read_preset(path)
     _import_plugins_named(preset, overrides)
     cfg = OmegaConf.structured(schema())
     if preset is not None:
         cfg = _merge(cfg, preset, f"config file {path}")
     return _apply_overrides(cfg, overrides)
+
+
+def _read_preset(path: Path):
+    """A preset file as a mapping; ConfigError naming the file (and the line) when it is not YAML or not a mapping."""
+    import yaml
+
+    try:
+        preset = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where} ({problem}); fix it there (an unclosed "
+                          "bracket or quote, a tab for indentation) or start from a preset in configs/") from None
+    except (OSError, UnicodeDecodeError, OmegaConfBaseException) as e:
+        raise ConfigError(f"config file {path} cannot be read ({type(e).__name__}: {e}); point --config at a "
+                          "YAML preset (e.g. configs/demo.yaml)") from None
+    if not isinstance(preset, DictConfig):
+        raise ConfigError(f"config file {path} holds a {type(preset).__name__.replace('Config', '').lower()}, "
+                          "not a mapping of keys to values; write it as sections, e.g. 'train:' then "
+                          "'  epochs: 10' (override single keys as key=value arguments instead)")
+    return preset
 
 
 def config_from_yaml(text: str) -> Config:
@@ -161,73 +187,11 @@ def _apply_overrides(node, overrides) -> Config:
     try:
         result = OmegaConf.to_object(node)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"config key '{e.full_key}': {e.msg}") from None
+        raise ConfigError(f"config key '{e.full_key}': {_first_line(e.msg)}; {TYPE_FIX}") from None
+    from .config_checks import validate
+
     validate(result)
     return result
-
-
-def validate(cfg: Config) -> None:
-    """Value checks the types cannot express; names the key and the accepted values."""
-    from .data import DATASETS
-    from .methods import METHODS
-    from .models import BACKBONES
-
-    def need(ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            raise ConfigError(f"config key '{key}': {msg}")
-
-    need(cfg.data.name in DATASETS, "data.name", f"{cfg.data.name!r} is not one of {list(DATASETS)}")
-    need(cfg.train.method in METHODS, "train.method", f"{cfg.train.method!r} is not one of {sorted(METHODS)}")
-    need(cfg.model.arch in BACKBONES, "model.arch", f"{cfg.model.arch!r} is not one of {sorted(BACKBONES)}")
-    need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
-    need(cfg.train.amp in ("auto", "bf16", "fp32"), "train.amp", "must be auto, bf16 or fp32")
-    need(cfg.train.engine in ENGINES, "train.engine", f"{cfg.train.engine!r} is not one of {list(ENGINES)}")
-    need(cfg.train.zero_stage in (0, 1, 2), "train.zero_stage", "must be 0, 1 or 2 (ZeRO-3 shards the weights, "
-         "which the attacks' plain forwards cannot use)")
-    for key in ("train.epochs", "train.batch_size", "train.ckpt_every", "train.log_every", "model.width",
-                "views.size", "loss.temperature", "optim.lr", "finetune.epochs", "finetune.batch_size",
-                "eval.batch_size", "pseudo.iters", "pseudo.init_sample_per_k"):
-        need(functools.reduce(getattr, key.split("."), cfg) > 0, key, "must be > 0")
-    need(cfg.data.workers >= 0, "data.workers", "must be >= 0")
-    need(cfg.data.format in (None, *DATA_FORMATS), "data.format", f"{cfg.data.format!r} is not one of "
-         f"{list(DATA_FORMATS)} (or null: ffcv when data.beton is set)")
-    need(cfg.data.format != "ffcv" or cfg.data.beton is not None, "data.format",
-         "ffcv needs data.beton, the .beton of data.name/data.split (write it with tools/write_ffcv.py)")
-    need(cfg.data.image_size is None or cfg.data.image_size > 0, "data.image_size", "must be > 0 (or null)")
-    need(0 <= cfg.optim.warmup_epochs < cfg.train.epochs, "optim.warmup_epochs", "must be in [0, train.epochs)")
-    a = cfg.attack
-    need(a.eps >= 0 and a.step_size >= 0 and min(a.steps, a.supervised_steps, a.eval_steps) >= 0, "attack",
-         "eps, step_size and the step counts must be >= 0")
-    need(cfg.attack.eps_ramp_epochs >= 0, "attack.eps_ramp_epochs", "must be >= 0 (0: constant ε)")
-    need(0 < cfg.views.crop_scale_min <= 1, "views.crop_scale_min", "must be in (0, 1]")
-    for name in METHOD_SETTINGS:
-        section = getattr(cfg, name, None)
-        if hasattr(section, "check"):
-            section.check(lambda ok, key, msg, name=name: need(ok, f"{name}.{key}", msg))
-    need(all(k >= 2 for k in cfg.pseudo.ks), "pseudo.ks", "every K must be >= 2")
-    need(cfg.pseudo.init in KMEANS_INITS, "pseudo.init", f"{cfg.pseudo.init!r} is not one of {list(KMEANS_INITS)}")
-    need(cfg.pseudo.pca is None or cfg.pseudo.pca > 0, "pseudo.pca", "must be > 0 (or null for no PCA)")
-    f = cfg.finetune
-    need(f.mode in FINETUNE_MODES, "finetune.mode", f"{f.mode!r} is not one of {list(FINETUNE_MODES)}")
-    need(f.dataset is None or f.dataset in DATASETS, "finetune.dataset",
-         f"{f.dataset!r} is not one of {list(DATASETS)}")
-    need(f.lr is None or f.lr > 0, "finetune.lr", "must be > 0 (or null for the mode's default)")
-    need(0 <= f.val_fraction < 1, "finetune.val_fraction", "must be in [0, 1)")
-    need(cfg.eval.aa_n is None or cfg.eval.aa_n > 0, "eval.aa_n", "must be > 0 (or null for the whole test set)")
-    need(cfg.eval.square_queries >= 0, "eval.square_queries", "must be >= 0 (0 leaves Square out of the curves)")
-    need(not cfg.eval.curves or cfg.attack.eps > 0, "eval.curves", "needs attack.eps > 0 (the curves scale with it)")
-    need(cfg.pipeline.tsne_n == 0 or cfg.pipeline.tsne_n >= 5, "pipeline.tsne_n", "must be >= 5 (or 0: no t-SNE)")
-    for mode in cfg.pipeline.finetune:
-        need(mode in FINETUNE_MODES, "pipeline.finetune", f"{mode!r} is not one of {list(FINETUNE_MODES)}")
-    for name in [*cfg.pipeline.baselines, cfg.pipeline.fpre_method]:
-        need(name in METHODS, "pipeline.baselines" if name != cfg.pipeline.fpre_method else "pipeline.fpre_method",
-             f"{name!r} is not a registered method ({sorted(METHODS)})")
-    for stage in ("pretrain", "cluster", "finetune", "evaluate"):
-        nodes = getattr(cfg.launch, f"{stage}_nodes")
-        need(nodes is None or nodes > 0, f"launch.{stage}_nodes", "must be > 0 (or null for --nodes)")
-    if cfg.pseudo.labels is not None:
-        need(Path(cfg.pseudo.labels).is_file(), "pseudo.labels",
-             f"file {cfg.pseudo.labels} does not exist; run the clustering stage or set pseudo.labels=null")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -7,8 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-class ConfigError(ValueError):
-    """A configuration problem, reported before any work starts."""
+class UserError(Exception):
+    """A problem the user fixes (a value, a file, the disk): the CLIs print it as one line and exit 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem (a key, a value, a file it names), reported before any work starts."""
 
 
 @dataclass
@@ -22,6 +26,9 @@ class DataConfig:
     format: str | None = None  # ffcv | torchvision; null: ffcv when data.beton is set, else torchvision
     beton: str | None = None  # FFCV file of data.name/data.split, from tools/write_ffcv.py
     os_cache: bool = True  # FFCV: the OS page cache holds the file for all ranks of a node (false: per process)
+    # imagefolder: decode every image once before training and stop naming each unreadable (or, without
+    # data.image_size, odd-sized) file; off by default (a full pass over the data)
+    scan: bool = False
 
 
 @dataclass

@@ -14,11 +14,14 @@ import contextlib
 import datetime
 import os
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .config_schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,10 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """`cuda:<local rank>` (or the only visible GPU, when the launcher gives each task one) or the CPU."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
         count = torch.cuda.device_count()
         if count > 1 and local_rank >= count:
-            raise RuntimeError(f"local rank {local_rank} has no GPU: only {count} are visible on this node; "
+            raise ConfigError(f"local rank {local_rank} has no GPU: only {count} are visible on this node; "
                                "start one process per GPU (torchrun --nproc_per_node / --gpus-per-node)")
         return torch.device("cuda", local_rank if count > 1 else 0)
     return torch.device("cpu")
@@ -123,16 +126,61 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> DistI
     return DistInfo(env.rank, env.world_size, env.local_rank, dev, env.launcher)
 
 
+class RankLostError(RuntimeError):
+    """Another rank of the launch died (or its node did): this one stops too, naming it."""
+
+
+# What gloo / the store say when a peer's sockets close; NCCL reports a dead peer as a watchdog timeout.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout")
+ROLL_CALL_S = 10.0
+
+
+def _peer_gone(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _PEER_GONE)
+
+
+def lost_ranks(timeout_s: float = ROLL_CALL_S) -> list[int]:
+    """The ranks that do not answer a roll call on the launch's key-value store within `timeout_s`.
+
+    After a collective fails because a peer's connection closed, gloo cannot say which rank is gone; every
+    survivor reaches this point within moments, writes its name to the store and waits for the others'.
+    The store lives in rank 0's process (or torchrun's agent): if it is unreachable, rank 0 is the lost one."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"advcl/roll_call/{rank}", "here")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            here = {r for r in range(world) if store.check([f"advcl/roll_call/{r}"])}
+            if len(here) == world or time.monotonic() > deadline:
+                return sorted(set(range(world)) - here)
+            time.sleep(0.2)
+    except (RuntimeError, dist.DistError):
+        return [0]
+
+
 @contextlib.contextmanager
 def distributed_session(device: str = "auto") -> Iterator[DistInfo]:
-    """`init_distributed` for the duration of a stage; a group created here is destroyed on exit."""
+    """`init_distributed` for the duration of a stage; a group created here is destroyed on exit.
+
+    A rank that dies mid-stage breaks the others' next collective: they stop with `RankLostError` naming it
+    (after a roll call of at most ROLL_CALL_S), instead of a socket error or waiting forever."""
     created = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(device)
     try:
         yield info
+    except Exception as e:
+        if info.world_size > 1 and _peer_gone(e):
+            lost = [r for r in lost_ranks() if r != info.rank]
+            who = f"rank {', '.join(map(str, lost))}" if lost else "another rank"
+            raise RankLostError(f"[rank {info.rank}] {who} of {info.world_size} stopped responding (its process or "
+                                "node died: see its log); this rank stops too. Run the same command again to resume "
+                                "from the last checkpoint") from None
+        raise
     finally:
         if created and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            with contextlib.suppress(Exception):  # a group with a dead peer may fail to tear down
+                dist.destroy_process_group()
 
 
 def world_size() -> int:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from .config import ConfigError
 from .data.loader import ordered_batches, subset
 from .distributed import DistInfo, gather_shards
+from .faults import fault_point
 from .run_folder import read_json, save_array, write_json
 
 CACHE = "eval_cache"
@@ -165,6 +166,7 @@ def _run_blocks(attack, run_block, source, indices, todo, block_size, image_size
             parts[(start, end)] = flags
             if cache is not None:
                 cache.write(attack, start, end, flags)
+            fault_point("evaluate.between_blocks")
     return False
 
 

@@ -28,6 +28,8 @@ from .engine.checkpoint import load_checkpoint
 from .engine.preemption import StopRequest
 from .engine.trainer import uses_channels_last
 from .eval_blocks import CACHE, EvaluationStopped, FlagCache, file_sha256, sharded_flags
+from .faults import fault_point
+from .folder_lock import folder_lock
 from .masking import masking_checks, robustness_curves
 from .models import BACKBONES, Classifier
 from .rng import StepRandom, step_seed
@@ -38,7 +40,12 @@ CURVES = "curves.png"
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Classifier:
-    """The classifier a finetuning run wrote (`classifier.pt`), in eval mode: [0, 1] images → logits."""
+    """The classifier a finetuning run wrote (`classifier.pt`), in eval mode: [0, 1] images → logits.
+    Also its export (tools/export.py): `classifier.safetensors` or the export folder, read without running code."""
+    if str(path).endswith(".safetensors") or (Path(path) / "export.json").is_file():
+        from .export import load_exported
+
+        return load_exported(path, device)
     return _read_classifier(path, device)[0]
 
 
@@ -135,7 +142,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopReques
     if not path.is_file():
         raise FileNotFoundError(f"classifier {path} does not exist; finetune first (tools/finetune.py) "
                                 "or set eval.checkpoint")
-    with distributed_session(cfg.train.device) as info:
+    with distributed_session(cfg.train.device) as info, folder_lock(out, info):
         def log(message: str) -> None:
             if info.is_main:
                 print(f"[evaluate] {message}", flush=True)
@@ -216,6 +223,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopReques
             save_array({"index": np.arange(n), "clean": clean.astype(bool), "robust": robust.astype(bool),
                         "autoattack": (aa if aa is not None else np.zeros(0, np.uint8)).astype(bool)},
                        out / "flags.npz")
+            fault_point("evaluate.before_results")
             write_json(results, out / RESULTS)
         if run is not None:
             run.finish(True)

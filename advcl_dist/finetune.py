@@ -28,6 +28,7 @@ from .engine.objective import DataFacts, EpochContext, LoopSettings, Objective, 
 from .engine.preemption import StopRequest
 from .engine.trainer import Trainer
 from .evaluate import evaluate, robust_accuracy
+from .folder_lock import folder_lock
 from .losses import trades_kl
 from .models import BranchBatchNorm, Classifier
 
@@ -63,7 +64,10 @@ class Finetuning(Objective):
         f = self.cfg.finetune
         return LoopSettings(stage="finetune", data=self.data, batch_size=f.batch_size, epochs=f.epochs,
                             checkpoint=CLASSIFIER, lr=f.lr or DEFAULT_LR[self.mode], momentum=f.momentum,
-                            weight_decay=f.weight_decay, subset=self._train_subset)
+                            weight_decay=f.weight_decay, subset=self._train_subset,
+                            identity=("finetune.mode", "finetune.checkpoint", "finetune.dataset",
+                                      "finetune.batch_size", "finetune.bn_branch", "finetune.val_fraction",
+                                      "views.size"))
 
     def _train_subset(self, num_samples: int):
         """Without a validation split every image trains; with one, the rest of a seeded permutation."""
@@ -173,7 +177,7 @@ def finetune(cfg: Config, stop: StopRequest | None = None, evaluate_after: bool 
              stop_after_steps: int | None = None) -> Path:
     """Finetune as configured on every rank of the launch (resuming if interrupted), then evaluate into
     `<out_dir>/results.json`. Returns the classifier's path."""
-    with distributed_session(cfg.train.device) as info:
+    with distributed_session(cfg.train.device) as info, folder_lock(cfg.out_dir, info):
         trainer = Trainer(cfg, info, Finetuning(cfg))
         trainer.fit(stop_after_steps, stop=stop)
         if evaluate_after and trainer.step >= trainer.total_steps:

@@ -26,7 +26,9 @@ from .distributed import distributed_session
 from .engine import CHECKPOINT, pretrain
 from .engine.preemption import StopRequest
 from .evaluate import RESULTS
+from .faults import fault_point
 from .finetune import finetune
+from .folder_lock import folder_lock
 from .methods import METHODS
 from .provenance import now
 from .run_folder import changed_keys, is_finished, read_json, write_json, write_text
@@ -98,7 +100,7 @@ def run_pipeline(cfg: Config, stop: StopRequest | None = None) -> list[dict] | N
     (None when the launcher's stop request ended a stage early)."""
     root = Path(cfg.out_dir)
     stages = plan_stages(cfg)
-    with distributed_session(cfg.train.device) as info:
+    with distributed_session(cfg.train.device) as info, folder_lock(root, info):
         main = info.is_main
         status_path = root / "pipeline.json"
         status = read_json(status_path) or {}
@@ -139,6 +141,7 @@ def run_pipeline(cfg: Config, stop: StopRequest | None = None) -> list[dict] | N
                 entry.update(status="stopped", end=now())
                 record()
                 return None
+            fault_point("pipeline.between_stages")
             entry.update(status="done", end=now(), seconds=round(time.perf_counter() - t0, 1))
             entry.pop("traceback", None)
             record()

@@ -10,18 +10,35 @@ import io
 import json
 from pathlib import Path
 
+from .config_schema import ConfigError
 from .evaluate import RESULTS
 from .run_folder import write_text
 
 METRICS = ("SA", "RA", "AA")
 
 
+def _read_object(path: Path, fix: str) -> dict:
+    """The JSON object in `path`; ConfigError naming the file and `fix` when it is damaged or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} holds a JSON {type(value).__name__}, not an object; {fix}")
+    return value
+
+
 def sweep_points(root: Path) -> dict[str, dict]:
     """point folder → the values its grid point set, from the sweep.json files at or below `root`."""
     points = {}
     for path in sorted(root.rglob("sweep.json")):
-        for p in json.loads(path.read_text())["points"]:
-            points[str((path.parent / p["folder"]).resolve())] = p["swept"]
+        fix = "tools/submit.py --sweep writes it: move the damaged file away to report without the sweep's values"
+        spec = _read_object(path, fix)
+        try:
+            for p in spec["points"]:
+                points[str((path.parent / p["folder"]).resolve())] = p["swept"]
+        except (KeyError, TypeError):
+            raise ConfigError(f"{path} has no list of points with 'folder' and 'swept'; {fix}") from None
     return points
 
 
@@ -34,7 +51,8 @@ def gather(root: str | Path) -> tuple[list[str], list[dict]]:
     swept = list(dict.fromkeys(k for values in points.values() for k in values))
     rows = []
     for path in sorted(root.rglob(RESULTS)):
-        result = json.loads(path.read_text())
+        result = _read_object(path, "it is damaged (an evaluation killed while writing it, a copy cut short): "
+                                    "move it away, or re-run the finetuning/evaluation that wrote it")
         folder = path.parent.resolve()
         values = next((v for p, v in points.items() if folder.is_relative_to(p)), {})
         row = {"run": str(folder.relative_to(root)) or ".", **{k: values.get(k, "") for k in swept},

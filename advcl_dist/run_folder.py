@@ -17,26 +17,63 @@ from pathlib import Path
 
 import yaml
 
+from .config_schema import ConfigError, UserError
+from .faults import fault_point
 from .provenance import now, run_info
 
 CONFIG = "config.yaml"
 RUN = "run.json"
+TMP_SUFFIX = ".tmp"
+
+
+class OutputError(UserError, OSError):
+    """An output that cannot be written (disk full, no permission, a file where a folder should be)."""
+
+
+def _file_mode() -> int:
+    """0o666 less the umask: what `open()` would give, where mkstemp's temporary files are always 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write(path: Path, write) -> None:
-    """`write(f)` into a temporary file beside `path`, fsync, then rename over `path`."""
+    """`write(f)` into a temporary file beside `path`, fsync, then rename over `path`.
+
+    The file gets the mode plain `open()` would give (the umask's), so that teammates can read results on a
+    shared file system. A full disk or a refused write raises `OutputError` naming `path`, with any previous
+    `path` untouched; a process killed mid-write leaves a `.<name>.*.tmp` that the next start removes
+    (`remove_stale_temporaries`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("write.before_rename", path.name)
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is unchanged" if path.is_file() else ""
+        raise OutputError(f"cannot write {path}: {e.strerror or e}{kept}. Free space there, fix its permissions, "
+                          "or choose another out_dir") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files of writers killed mid-write under `folder` (run by the lock's holder)."""
+    stale = [p for p in Path(folder).rglob(f".*{TMP_SUFFIX}") if p.is_file()] if Path(folder).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def write_json(obj, path: Path) -> None:
@@ -62,7 +99,7 @@ def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RuntimeError(f"{path} is not valid JSON ({e}); move it away to start this stage afresh") from None
+        raise ConfigError(f"{path} is not valid JSON ({e}); move it away to start this stage afresh") from None
 
 
 def changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
@@ -125,5 +162,7 @@ class RunFolder:
         """Record the end of this session: `finished` (the stage is complete) and any facts."""
         if not self.main:
             return
+        if finished:
+            fault_point("stage.before_finished")
         self.info.update(end=now(), finished=finished, **facts)
         write_json(self.info, self.path / RUN)

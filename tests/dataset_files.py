@@ -80,3 +80,43 @@ def write_imagefolder(root):
         items.append((np.repeat(grey[None], 3, axis=0), 1))
         expected[split] = items
     return expected
+
+
+def write_image_classes(root, classes):
+    """An ImageFolder split at ``root``, class by class: ``{class: [(h, w), ...]}`` → PNGs 0.png, 1.png, ...
+    in each class folder; returns their paths in ImageFolder's (sorted) order."""
+    paths = []
+    for cls in sorted(classes):
+        (root / cls).mkdir(parents=True)
+        for i, (h, w) in enumerate(classes[cls]):
+            path = root / cls / f"{i}.png"
+            Image.fromarray(RNG.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(path)
+            paths.append(path)
+    return paths
+
+
+def truncate(path):
+    """Cut a file to half its length, as an interrupted copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _py2_style_array(array):
+    """What Python 2's numpy put in the official CIFAR pickles: `_reconstruct` and the raw bytes as a str."""
+    _reconstruct = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+    state = (1, array.shape, array.dtype, False, array.tobytes().decode("latin1"))
+    return _reconstruct, (np.ndarray, (0,), "b"), state
+
+
+def py2_pickle_to(path, obj):
+    """Pickle ``obj`` the way the official CIFAR files were written (Python 2, protocol 2): arrays through
+    ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray`` and ``numpy.dtype`` only."""
+    import io
+
+    class Py2Pickler(pickle.Pickler):
+        def reducer_override(self, value):
+            return _py2_style_array(value) if isinstance(value, np.ndarray) else NotImplemented
+
+    buffer = io.BytesIO()
+    Py2Pickler(buffer, protocol=2).dump(obj)
+    path.write_bytes(buffer.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))

@@ -112,7 +112,7 @@ def test_load_fpre_rejects_files_that_are_not_an_fpre(resnet50_file, tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_text("not a torch file")
     for bad, why in ((unrelated, "ResNet-50"), (truncated, "missing .*layer4"), (garbage, "cannot be read")):
-        with pytest.raises(ConfigError, match=f"pseudo.fpre=.*{why}"):
+        with pytest.raises(ConfigError, match=f"pseudo.fpre[=:].*{why}"):
             load_fpre(bad, "cpu")
 
 

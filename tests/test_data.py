@@ -1,10 +1,15 @@
 """Tests for advcl_dist.data: readers against files written here in the real formats, sampler, loader."""
 
+import pickle
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from advcl_dist.config import ConfigError, load_config
 from advcl_dist.data import (
     DATASETS,
     DatasetNotFoundError,
@@ -12,9 +17,21 @@ from advcl_dist.data import (
     ShardedSampler,
     build_loader,
     get_dataset,
+    ordered_batches,
+    safe_pickle,
 )
 from advcl_dist.data.datasets import digits_pixels
-from dataset_files import write_cifar10, write_cifar100, write_imagefolder, write_stl10
+from advcl_dist.data.scan import merge, problems, scan_images, scan_paths
+from advcl_dist.data.source import training_data
+from dataset_files import (
+    py2_pickle_to,
+    truncate,
+    write_cifar10,
+    write_cifar100,
+    write_image_classes,
+    write_imagefolder,
+    write_stl10,
+)
 
 
 def _assert_matches(dataset, images, labels):
@@ -232,3 +249,150 @@ def test_loader_keeps_global_rng_and_works_with_workers(tmp_path):
     assert sorted(torch.cat([b[2] for b in full]).tolist()) == list(range(5))
     loader.set_epoch(0, start_batch=1)  # the persistent worker must follow the new skip
     assert [b[2].tolist() for b in loader] == [b[2].tolist() for b in full[1:]]
+
+
+class Payload:
+    """What a crafted CIFAR file could carry: unpickling it runs a shell command (here: creates a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_cifar_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    crafted = pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [0], "batch_label": Payload(marker)})
+    batch.write_bytes(crafted)
+    with pytest.raises(ConfigError, match=r"data_batch_1 .*posix\.system.*data\.download=true"):
+        get_dataset("cifar10", "train", root=tmp_path)
+    assert not marker.exists()
+    get_dataset("cifar10", "test", root=tmp_path)  # the other split does not read that file
+    pickle.loads(crafted)  # the payload is live: a plain pickle.load (torchvision's) runs it
+    assert marker.exists()
+
+
+def test_cifar_files_pickled_like_the_official_ones_read_as_plain_pickle_reads_them(tmp_path):
+    """Python 2's protocol 2 with `numpy.core.multiarray` names, and today's protocol with `numpy._core`."""
+    expected = write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    for path in sorted(folder.iterdir()):
+        entry = safe_pickle.load(path)
+        with warnings.catch_warnings():  # numpy >= 2 warns on the `numpy.core` name of the official files
+            warnings.simplefilter("ignore", DeprecationWarning)
+            py2_pickle_to(path, entry)
+            with open(path, "rb") as f:
+                plain = pickle.load(f, encoding="latin1")
+        assert (b"numpy.core.multiarray\n_reconstruct" in path.read_bytes()) == ("data" in entry)
+        again = safe_pickle.load(path)
+        assert again.keys() == plain.keys() == entry.keys()
+        for key in plain:
+            np.testing.assert_array_equal(np.asarray(again[key]), np.asarray(plain[key]))
+    _assert_matches(get_dataset("cifar10", "train", root=tmp_path), *expected["train"])
+
+
+def test_a_cifar_file_that_is_not_a_pickle_is_named(tmp_path):
+    write_cifar100(tmp_path)
+    (tmp_path / "cifar-100-python" / "meta").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="cifar-100-python/meta is not a readable CIFAR file"):
+        get_dataset("cifar100", "test", root=tmp_path)
+
+
+def _imagefolder_cfg(root, *extra):
+    return load_config(None, ["data.name=imagefolder", f"data.root={root}", "data.workers=2", *extra]).data
+
+
+def _train(data):
+    """training_data, then one epoch, as the trainer reads it."""
+    loaded = training_data(data, 2, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
+    loaded.loader.set_epoch(0)
+    return list(loaded.loader)
+
+
+def test_the_scan_names_a_corrupt_image_before_training(tmp_path):
+    paths = write_image_classes(tmp_path / "train", {"cat": [(12, 12)] * 3, "dog": [(12, 12)] * 3})
+    truncate(paths[4])
+    with pytest.raises(ConfigError) as info:
+        training_data(_imagefolder_cfg(tmp_path, "data.scan=true"), 2, seed=0, rank=0, world_size=1,
+                      device=torch.device("cpu"))
+    message = str(info.value)
+    assert message.startswith("data.scan: 1 of 6 images") and f"{paths[4]} is unreadable" in message
+    assert "decode_png" in message and ".cpp:" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_without_the_scan_the_loader_names_a_corrupt_image(tmp_path, workers):
+    """Also from a DataLoader worker process: a ConfigError with the reader's message, not a traceback."""
+    paths = write_image_classes(tmp_path / "train", {"cat": [(12, 12)] * 2, "dog": [(12, 12)] * 2})
+    truncate(paths[1])
+    with pytest.raises(ConfigError) as info:
+        _train(_imagefolder_cfg(tmp_path, f"data.workers={workers}", "data.image_size=8"))
+    assert str(info.value).startswith(f"cannot read image {paths[1]} (RuntimeError: ")
+    assert "data.scan=true" in str(info.value) and "Traceback" not in str(info.value)
+    with pytest.raises(ConfigError, match=f"cannot read image {paths[1]}"):
+        get_dataset("imagefolder", "train", root=tmp_path)[1]
+
+
+def test_mixed_sizes_without_image_size_are_named_with_the_fix(tmp_path):
+    paths = write_image_classes(tmp_path / "train", {"cat": [(12, 20), (12, 20), (9, 7)], "dog": [(12, 20)] * 3})
+    with pytest.raises(ConfigError) as info:
+        training_data(_imagefolder_cfg(tmp_path, "data.scan=true"), 2, seed=0, rank=0, world_size=1,
+                      device=torch.device("cpu"))
+    assert str(info.value) == (
+        f"data.scan: 1 of 6 images under {tmp_path / 'train'} cannot be trained on: {paths[2]} is 7×9. Images "
+        "are batched at their own size, and most (5) are 20×12: set data.image_size=N to resize and center-crop "
+        "every image to N×N (e.g. data.image_size=12).")
+    with pytest.raises(ConfigError, match=rf"{paths[2]} is 7×9.*data\.image_size=N") as info:
+        _train(_imagefolder_cfg(tmp_path, "data.workers=1"))  # the batch holding paths[2]
+    assert "Traceback" not in str(info.value)
+    subset = torch.utils.data.Subset(get_dataset("imagefolder", "train", root=tmp_path), [1, 2])  # evaluation
+    with pytest.raises(ConfigError, match=rf"{paths[1]} is 20×12, {paths[2]} is 7×9\. Set data\.image_size=N"):
+        list(ordered_batches(subset, 2, None, "cpu"))
+    assert sum(len(b[2]) for b in _train(_imagefolder_cfg(tmp_path, "data.scan=true", "data.image_size=8"))) == 6
+
+
+def test_findings_of_rank_shares_merge_to_the_whole_scans(tmp_path):
+    """Each rank of a launch decodes every world_size-th file; the merged findings are the whole scan's."""
+    sizes = {"a": [(8, 8), (5, 6), (8, 8), (8, 8)], "b": [(8, 8), (6, 5), (8, 8)]}
+    paths = [str(p) for p in write_image_classes(tmp_path, sizes)]
+    truncate(Path(paths[3]))
+    whole = scan_paths(paths, range(len(paths)), threads=2, progress=False)
+    shares = [scan_paths(paths, range(r, len(paths), 3), threads=1, progress=False) for r in range(3)]
+    assert problems(merge(shares), None, "x") == problems(whole, None, "x")
+    assert problems(whole, None, "x").startswith("data.scan: 3 of 7 images under x")
+    assert problems(whole, 8, "x").startswith("data.scan: 1 of 7 images")
+
+
+
+def test_ranks_of_a_launch_share_the_scan_and_raise_the_same_error(tmp_path, monkeypatch):
+    """Under a process group each rank decodes every world_size-th file, and the findings of all ranks are
+    gathered (here rank 1 of 2, with the gather answered in-process by rank 0's share)."""
+    import torch.distributed as dist
+
+    from advcl_dist.data import scan
+
+    paths = write_image_classes(tmp_path / "train", {"a": [(8, 8)] * 3 + [(5, 6)], "b": [(8, 8)] * 3})
+    truncate(paths[5])
+    dataset = get_dataset("imagefolder", "train", root=tmp_path)
+    decoded = []
+    monkeypatch.setattr(scan, "probe", lambda path, probe=scan.probe: decoded.append(path) or probe(path))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+
+    def gather(parts, part):
+        all_paths = [path for path, _ in dataset.samples]
+        parts[:] = [scan_paths(all_paths, range(0, 7, 2), threads=1, progress=False), part]
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    with pytest.raises(ConfigError) as info:
+        scan_images(dataset, workers=2, image_size=None, rank=1, world_size=2, progress=False)
+    assert sorted(decoded) == sorted(str(paths[i]) for i in (1, 3, 5, 0, 2, 4, 6))  # rank 1's, then rank 0's
+    assert decoded[:3] == [str(paths[i]) for i in (1, 3, 5)]
+    whole = scan_paths([str(p) for p in paths], range(7), threads=1, progress=False)
+    assert str(info.value) == problems(whole, None, str(tmp_path / "train"))
+    assert str(info.value).startswith("data.scan: 2 of 7 images") and f"{paths[5]} is unreadable" in str(info.value)

@@ -4,6 +4,8 @@ FFCV is installed by `make install`; a missing FFCV fails this module's import i
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +173,62 @@ def test_a_sample_that_cannot_be_read_stops_the_writer_with_its_index_and_leaves
     assert list(tmp_path.iterdir()) == []
 
 
+class Interrupting(TensorImageDataset):
+    """Presses Ctrl-C (SIGINT to the writing process) while FFCV's workers are reading sample 5."""
+
+    def __init__(self, images, labels):
+        super().__init__(images, labels)
+        self.writer_pid = os.getpid()
+
+    def __getitem__(self, index):
+        if index == 5:
+            os.kill(self.writer_pid, signal.SIGINT)
+        return super().__getitem__(index)
+
+
+def test_an_interrupted_write_leaves_no_file_and_no_folder_behind(tmp_path):
+    data = random_set(n=200)
+    with pytest.raises(KeyboardInterrupt):
+        write_beton(Interrupting(data.images, data.labels), tmp_path / "new" / "x.beton", workers=2,
+                    chunk_size=5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def write_ffcv(*args):
+    return subprocess.run([sys.executable, "tools/write_ffcv.py", "--dataset", "digits", "--workers", "1", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _unwritable(tmp_path):
+    return Path("/proc/advcl-test.beton"), "cannot write into /proc"
+
+
+def _a_folder(tmp_path):
+    (tmp_path / "betons").mkdir()
+    return tmp_path / "betons", f"--out {tmp_path / 'betons'} is a folder"
+
+
+def _an_existing_file(tmp_path):
+    (tmp_path / "x.beton").write_text("an earlier file")
+    return tmp_path / "x.beton", "exists; pass --overwrite to replace it"
+
+
+def _under_a_file(tmp_path):
+    (tmp_path / "notes").write_text("")
+    return tmp_path / "notes" / "x.beton", f"{tmp_path / 'notes'} is a file, not a folder"
+
+
+@pytest.mark.parametrize("out", [_a_folder, _an_existing_file, _under_a_file, _unwritable])
+def test_write_ffcv_refuses_a_bad_out_before_reading_anything(tmp_path, out):
+    """One line, exit code 2, and nothing written or changed, before the dataset is read."""
+    path, message = out(tmp_path)
+    before = sorted((p, p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
+    run = write_ffcv("--split", "test", "--out", str(path))
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [run.stderr.strip()], run.stderr
+    assert run.stderr.startswith("error: ") and message in run.stderr and "[write_ffcv]" not in run.stdout
+    assert sorted((p, p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*")) == before
+
+
 def test_training_data_picks_ffcv_for_a_beton_and_checks_it(tmp_path, monkeypatch):
     path = write_beton(get_dataset("digits", "test"), tmp_path / "t.beton", workers=2,
                        info={"dataset": "digits", "split": "test"})
@@ -200,15 +258,19 @@ def test_training_data_picks_ffcv_for_a_beton_and_checks_it(tmp_path, monkeypatc
 @pytest.mark.integration
 def test_write_ffcv_tool_writes_the_dataset_and_a_description(tmp_path):
     out = tmp_path / "d.beton"
+    out.write_text("an earlier file")  # replaced with --overwrite (refused without it: see below)
     run = subprocess.run([sys.executable, "tools/write_ffcv.py", "--dataset", "digits", "--split", "test",
-                          "--out", str(out), "--workers", "2"], cwd=ROOT, capture_output=True, text=True)
+                          "--out", str(out), "--workers", "2", "--overwrite"], cwd=ROOT, capture_output=True,
+                         text=True)
     assert run.returncode == 0, run.stderr
+    assert read_beton(out).num_samples == 360
     written = json.loads(info_path(out).read_text())
     assert written["dataset"] == "digits" and written["split"] == "test" and written["num_samples"] == 360
     assert written["write_mode"] == "raw" and written["classes"] == [str(d) for d in range(10)]
     bad = subprocess.run([sys.executable, "tools/write_ffcv.py", "--dataset", "cifar10", "--split", "train",
                           "--out", str(tmp_path / "c.beton")], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode != 0 and "--root" in bad.stderr and not (tmp_path / "c.beton").exists()
+    assert bad.returncode == 2 and "--root" in bad.stderr and not (tmp_path / "c.beton").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.beton", "d.beton.json"]
 
 
 @pytest.mark.integration

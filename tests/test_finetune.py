@@ -13,6 +13,7 @@ from advcl_dist.engine.checkpoint import load_encoder
 from advcl_dist.engine.objective import StepContext
 from advcl_dist.evaluate import load_classifier
 from advcl_dist.finetune import Finetuning, finetune, split_train_val
+from advcl_dist.folder_lock import LOCK
 from advcl_dist.rng import StepRandom
 from dataset_files import write_stl10
 
@@ -168,7 +169,10 @@ def test_a_classifier_of_another_architecture_in_out_dir_is_a_clear_error_and_is
     Trainer(load_config(None, [f"out_dir={wide}", *TINY, "model.width=8"])).fit(stop_after_steps=1)
     out = tmp_path / "ft"
     finetune(ft_cfg(out, wide / "checkpoint.pt"), evaluate_after=False)
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    with pytest.raises(ConfigError, match=r"classifier.pt holds the weights of another network.*another out_dir"):
+    def files():  # the lock file records its latest holder: not an output
+        return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != LOCK}
+
+    before = files()
+    with pytest.raises(ConfigError, match=r"classifier.pt belongs to another run \(finetune.checkpoint: .*out_dir"):
         finetune(ft_cfg(out, pretrained), evaluate_after=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert files() == before

@@ -232,7 +232,7 @@ def test_sigusr2_stops_finetuning_mid_epoch_and_the_rerun_ends_with_the_uninterr
     assert 2 <= stopped < AFF_STEPS and stopped % 5 != 0, (
         f"stopped at step {stopped}, not mid-epoch: the signal came too late; raise attack.supervised_steps")
     assert not state["finished"]
-    assert f"[finetune] stopped at step {stopped} of {AFF_STEPS} on the launcher's signal" in first.output()
+    assert f"[finetune] stopped at step {stopped} of {AFF_STEPS} on SIGUSR2" in first.output()
     run = read_json(out / "run.json")
     assert run["stopped_by_signal"] is True and run["finished"] is False and run["steps_done"] == stopped
     assert not (out / "results.json").exists()  # a stopped finetuning run does not evaluate

@@ -5,6 +5,7 @@ python tools/report.py runs/cifar10_k_ablation-20261125-101500"""
 import argparse
 import sys
 
+from advcl_dist.config_schema import UserError
 from advcl_dist.report import write_report
 
 if __name__ == "__main__":
@@ -13,8 +14,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         table, n = write_report(args.folder)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, UserError) as e:  # no folder, no results, a damaged results.json
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     print(table, end="")
     print(f"[report] {n} rows → {args.folder}/report.md, report.csv", file=sys.stderr)

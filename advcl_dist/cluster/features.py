@@ -69,11 +69,13 @@ def load_fpre(path, device) -> tuple[nn.Module, dict]:
                                 "state dict")
     try:
         state = load_checkpoint(path, "cpu")
-    except RuntimeError as e:
-        raise ConfigError(f"pseudo.fpre={path} cannot be read as a torch file ({e.__cause__}); point "
-                          "pseudo.fpre at a checkpoint.pt or a torchvision ResNet-50 state dict") from e
-    if isinstance(state, dict) and "model" in state and "config" in state:
-        encoder, info = load_encoder(path, device, state)
+    except ConfigError as e:
+        raise type(e)(f"pseudo.fpre: {e}") from None
+    if isinstance(state, dict) and (("model" in state and "config" in state) or "classifier" in state):
+        try:
+            encoder, info = load_encoder(path, device, state)
+        except ConfigError as e:  # a classifier, another network's weights: say which setting named the file
+            raise type(e)(f"pseudo.fpre: {e}") from None
         return _NormalBranch(encoder).to(device).eval(), {**info, "kind": "advcl-dist"}
     net = _torchvision_resnet50(_state_dict_of(state, path), path)
     info = {"checkpoint": str(path.resolve()), "kind": "torchvision-resnet50", "method": None, "arch": "resnet50"}

@@ -17,6 +17,8 @@ from ..config import Config, ConfigError, to_yaml
 from ..data.source import data_format, image_source
 from ..distributed import barrier, distributed_session, gather_shards
 from ..engine.preemption import StopRequest
+from ..faults import fault_point
+from ..folder_lock import folder_lock
 from ..run_folder import RUN, RunFolder, save_array, write_json
 from .features import load_fpre, pca, shard_features
 from .kmeans import fit_kmeans
@@ -36,6 +38,7 @@ def ensemble_kmeans(x: torch.Tensor, ks, iters: int, seed: int, init: str = "kme
         r = fit_kmeans(x, k, iters, seed, init, init_sample_per_k)
         labels[:, col] = r.labels.to(torch.int32)
         centroids[k] = r.centroids.cpu().numpy()
+        fault_point("cluster.between_k")
         stats[str(k)] = {"inertia": r.inertia, "sizes": r.sizes, "reseeded": r.reseeded,
                          "seconds": round(time.perf_counter() - start, 3)}
         if log:
@@ -52,7 +55,7 @@ def cluster(cfg: Config, stop: StopRequest | None = None) -> Path:
     if p.fpre is None:
         raise ConfigError("pseudo.fpre is not set; point it at the f_pre checkpoint.pt (e.g. a SimCLR run) "
                           "or a torchvision ResNet-50 state dict")
-    with distributed_session(cfg.train.device) as info:
+    with distributed_session(cfg.train.device) as info, folder_lock(out, info):
         dataset = image_source(cfg.data)  # the .beton where the FFCV path is chosen
         too_big = [k for k in p.ks if k > len(dataset)]
         if too_big:
@@ -77,6 +80,7 @@ def cluster(cfg: Config, stop: StopRequest | None = None) -> Path:
                                      device=info.device, folder=out / "features", key=key, rank=info.rank,
                                      world=info.world_size)
         del encoder
+        fault_point("cluster.after_features")
         log(f"features {features.shape[1]}-d in {time.perf_counter() - start:.1f} s (cached in {out / 'features'})")
         if p.pca is not None:
             features = pca(features, p.pca, p.pca_whiten)

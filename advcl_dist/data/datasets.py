@@ -10,13 +10,17 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
+
+from ..config_schema import ConfigError
+from . import safe_pickle
 
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagefolder")
 
@@ -37,6 +41,37 @@ _NATIVE_DECODE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 
 class DatasetNotFoundError(FileNotFoundError):
     """Data missing on disk; raised by get_dataset so that a bad path fails before training starts."""
+
+
+class UnreadableImageError(ConfigError):
+    """An image file that does not decode. The decoders' own errors name no file, which at ImageNet size
+    leaves the user no way to find it."""
+
+    path: str | None = None
+    reason: str | None = None
+
+
+def decode_reason(err: BaseException) -> str:
+    """``Type: message`` of a decode error, without the C++ source location torchvision puts first."""
+    message = re.sub(r"^(\S+, )?\S+\.(cpp|cc|h):\d+, ", "", str(err).strip())
+    return f"{type(err).__name__}: {message}"
+
+
+def unreadable_image(path: str, err: BaseException) -> UnreadableImageError:
+    """The error for an image that failed to decode: the file, the reason, and how to find all such files."""
+    reason = decode_reason(err)
+    error = UnreadableImageError(f"cannot read image {path} ({reason}); replace or remove it. data.scan=true "
+                                 "checks every image before training starts and lists all bad files.")
+    error.path, error.reason = path, reason
+    return error
+
+
+def sample_path(dataset, index: int) -> str | None:
+    """The file of sample ``index`` of an ImageFolder, or of a Subset of one (None for in-memory datasets)."""
+    while isinstance(dataset, Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    samples = getattr(dataset, "samples", None)
+    return samples[index][0] if samples is not None else None
 
 
 class TensorImageDataset(Dataset):
@@ -61,7 +96,15 @@ class TensorImageDataset(Dataset):
 
 
 def read_rgb(path: str) -> torch.Tensor:
-    """Decode an image file to uint8 ``[3,H,W]`` RGB (grey and alpha are converted)."""
+    """Decode an image file to uint8 ``[3,H,W]`` RGB (grey and alpha are converted); a file that does not
+    decode raises `UnreadableImageError` naming it."""
+    try:
+        return _decode_rgb(path)
+    except Exception as err:
+        raise unreadable_image(path, err) from err
+
+
+def _decode_rgb(path: str) -> torch.Tensor:
     if path.lower().endswith(_NATIVE_DECODE_SUFFIXES):
         from torchvision.io import ImageReadMode, decode_image
 
@@ -79,8 +122,9 @@ def _without_md5(files: list[list[str]]) -> list[list[str | None]]:
 def _torchvision_classes() -> dict[str, type]:
     """torchvision's dataset classes and ours built on them, on first use.
 
-    torchvision checks md5 on every read; the readers only check that the files exist (md5=None), so that
-    md5 is verified once, at download time, by the original classes."""
+    torchvision checks md5 on every read; the STL-10 reader only checks that the files exist (md5=None), so
+    that md5 is verified once, at download time, by the original class. CIFAR is not read through
+    torchvision at all (its files are pickles, see `_read_cifar`); only its file lists are used."""
     from torchvision.datasets import CIFAR10, CIFAR100, STL10, ImageFolder
 
     class ImageFolderDataset(ImageFolder):
@@ -89,15 +133,10 @@ def _torchvision_classes() -> dict[str, type]:
         def __init__(self, root: str | Path):
             super().__init__(str(root), loader=read_rgb)
 
-    def reader(original, **extra):
-        return type(f"_{original.__name__}Reader", (original,), {"train_list": _without_md5(original.train_list),
-                                                                 "test_list": _without_md5(original.test_list),
-                                                                 **extra})
-
+    stl10_reader = type("_STL10Reader", (STL10,), {"train_list": _without_md5(STL10.train_list),
+                                                  "test_list": _without_md5(STL10.test_list)})
     return {"CIFAR10": CIFAR10, "CIFAR100": CIFAR100, "STL10": STL10, "ImageFolderDataset": ImageFolderDataset,
-            "CIFAR10Reader": reader(CIFAR10, meta={**CIFAR10.meta, "md5": None}),
-            "CIFAR100Reader": reader(CIFAR100, meta={**CIFAR100.meta, "md5": None}),
-            "STL10Reader": reader(STL10)}
+            "STL10Reader": stl10_reader}
 
 
 def __getattr__(name: str):
@@ -116,9 +155,8 @@ def get_dataset(name: str, split: str, root: str | Path | None = None, download:
     if name == "digits":
         return _digits(split)
     if name in ("cifar10", "cifar100"):
-        tv = _torchvision_classes()
-        original = "CIFAR10" if name == "cifar10" else "CIFAR100"
-        return _cifar(tv[original], tv[f"{original}Reader"], f"CIFAR-{original[5:]}", split, root, download)
+        original = _torchvision_classes()["CIFAR10" if name == "cifar10" else "CIFAR100"]
+        return _cifar(original, f"CIFAR-{name[5:]}", split, root, download)
     if name == "stl10":
         return _stl10(split, root, download)
     return _imagefolder(split, root)
@@ -197,17 +235,45 @@ def _download_fix(folder: str) -> str:
     )
 
 
-def _cifar(original, reader, title: str, split: str, root, download: bool) -> TensorImageDataset:
-    root = _require_root(title, root, reader.base_folder)
-    train = split == "train"
+def _cifar(original, title: str, split: str, root, download: bool) -> TensorImageDataset:
+    root = _require_root(title, root, original.base_folder)
     if download:
-        original(str(root), train=train, download=True)
-    files = [name for name, _ in reader.train_list + reader.test_list] + [reader.meta["filename"]]
-    _require_files(title, root / reader.base_folder, files, _download_fix(reader.base_folder))
-    data = reader(str(root), train=train)
-    images = torch.from_numpy(np.ascontiguousarray(data.data.transpose(0, 3, 1, 2)))
-    labels = torch.as_tensor(data.targets, dtype=torch.int64)
-    return TensorImageDataset(images, labels, classes=list(data.classes))
+        _download_cifar(original, root)
+    files = [name for name, _ in original.train_list + original.test_list] + [original.meta["filename"]]
+    folder = root / original.base_folder
+    _require_files(title, folder, files, _download_fix(original.base_folder))
+    batches = original.train_list if split == "train" else original.test_list
+    images, labels = _read_cifar([folder / name for name, _ in batches])
+    classes = safe_pickle.load(folder / original.meta["filename"])[original.meta["key"]]
+    return TensorImageDataset(torch.from_numpy(images), torch.as_tensor(labels, dtype=torch.int64),
+                              classes=list(classes))
+
+
+def _read_cifar(paths: list[Path]) -> tuple[np.ndarray, list[int]]:
+    """Images uint8 [N,3,32,32] and labels of CIFAR batch files, unpickled by `safe_pickle`: a plain
+    `pickle.load` (torchvision's) runs whatever code a crafted file in data.root carries."""
+    images, labels = [], []
+    for path in paths:
+        entry = safe_pickle.load(path)
+        try:
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(int(label) for label in entry["labels" if "labels" in entry else "fine_labels"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"{path} is not a CIFAR batch file ({type(err).__name__}: {err}); delete it and "
+                              "set data.download=true to fetch the official files.") from err
+    return np.ascontiguousarray(np.concatenate(images)), labels
+
+
+def _download_cifar(original, root: Path) -> None:
+    """Fetch the archive unless every file is there with its md5, as torchvision's `download()` does, but
+    without its constructor, which would unpickle the files with `pickle.load`."""
+    from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+    folder = root / original.base_folder
+    files = original.train_list + original.test_list + [[original.meta["filename"], original.meta["md5"]]]
+    if all(check_integrity(str(folder / name), md5) for name, md5 in files):
+        return
+    download_and_extract_archive(original.url, str(root), filename=original.filename, md5=original.tgz_md5)
 
 
 def _stl10(split: str, root, download: bool) -> TensorImageDataset:

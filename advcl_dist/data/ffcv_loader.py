@@ -29,12 +29,13 @@ from ffcv.reader import Reader  # noqa: E402
 from ffcv.transforms import ToDevice, ToTensor, ToTorchImage  # noqa: E402
 from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 
+from ..config_schema import UserError  # noqa: E402
 from .datasets import DatasetNotFoundError  # noqa: E402
 from .ffcv_writer import info_path  # noqa: E402
 from .loader import Loader, ShardedSampler  # noqa: E402
 
 
-class BetonError(ValueError):
+class BetonError(UserError, ValueError):
     """A .beton that this trainer cannot use (not FFCV, other fields, other data)."""
 
 

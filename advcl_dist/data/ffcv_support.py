@@ -10,6 +10,8 @@ import contextlib
 
 import torch
 
+from ..config_schema import UserError
+
 FIELDS = ("image", "label", "index")  # the fields tools/write_ffcv.py writes, in this order
 
 INSTALL_HINT = (
@@ -18,7 +20,7 @@ INSTALL_HINT = (
 )
 
 
-class FFCVNotInstalledError(ImportError):
+class FFCVNotInstalledError(UserError, ImportError):
     """data.format=ffcv (or a .beton) was asked for, but FFCV cannot be imported here."""
 
 

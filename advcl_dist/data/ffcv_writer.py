@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,37 @@ WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 
 class BetonWriteError(RuntimeError):
     """A sample could not be read or encoded; names the sample and leaves no .beton behind."""
+
+
+class BetonPathError(ValueError):
+    """The output path cannot take the .beton (a folder, an existing file, no write access); raised before
+    anything is read or written."""
+
+
+def check_out(path: str | Path, overwrite: bool) -> Path:
+    """The absolute output path, refused now rather than after the whole dataset has been encoded."""
+    path = Path(path).expanduser().absolute()
+    if path.is_dir():
+        raise BetonPathError(f"--out {path} is a folder; give the path of the .beton file to write in it, "
+                             f"e.g. --out {path / 'train.beton'}")
+    if path.exists() and not overwrite:
+        raise BetonPathError(f"--out {path} exists; pass --overwrite to replace it, or choose another path")
+    _check_writable_folder(path.parent)
+    return path
+
+
+def _check_writable_folder(folder: Path) -> None:
+    """The folder (or, if it is still to be made, its nearest existing ancestor) takes a new file."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BetonPathError(f"cannot write into {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # a real write: also catches read-only mounts and ACLs
+            pass
+    except OSError as err:
+        raise BetonPathError(f"cannot write into {folder}: {err.strerror or err}") from err
 
 
 class _Samples:
@@ -62,8 +94,10 @@ def write_beton(
     workers: int = -1,
     chunk_size: int = 100,
     info: dict | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write ``dataset`` to ``path`` (atomically) and ``path``.json with ``info``; returns the path.
+    An existing ``path`` is replaced only with ``overwrite``; a failed or interrupted write leaves no file.
 
     ``raw`` keeps pixels bit-exact (32×32 and 96×96 sets); ``jpg``, ``proportion`` (a random
     ``compress_probability`` share as JPEG) and ``smart`` trade pixels for size on ImageNet-size trees,
@@ -83,44 +117,67 @@ def write_beton(
         raise ValueError(f"max_resolution must be >= 1, got {max_resolution}")
     if len(dataset) == 0:
         raise ValueError("the dataset is empty; there is nothing to write")
-    path = Path(path).expanduser().absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_out(path, overwrite)
+    made = _make_folders(path.parent)
     partial = path.with_name(path.name + ".partial")
     error_file = path.with_name(path.name + ".error")
-    for stale in (partial, error_file):
-        stale.unlink(missing_ok=True)
     image = RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
                           compress_probability=compress_probability)
     fields = dict(zip(FIELDS, (image, IntField(), IntField())))
-    writer = DatasetWriter(str(partial), fields, num_workers=workers)
     start = time.time()
-    # FFCV's progress loop waits for every sample: a worker that dies on a bad image would leave it
-    # spinning forever. So the write runs in a child process, stopped as soon as a sample reports an error.
-    child = mp.get_context("fork").Process(target=_write, args=(writer, _Samples(dataset, error_file), chunk_size))
-    child.start()
     try:
-        while child.is_alive() and not error_file.exists():
-            child.join(0.2)
-    finally:
-        if child.is_alive():
-            os.killpg(child.pid, signal.SIGKILL)
-            child.join()
-    try:
-        if error_file.exists():
-            raise BetonWriteError(f"could not write {path}: {error_file.read_text()}")
-        if child.exitcode != 0:
-            raise BetonWriteError(f"could not write {path}: FFCV's writer exited with code {child.exitcode}")
-    except BetonWriteError:
+        for stale in (partial, error_file):
+            stale.unlink(missing_ok=True)
+        writer = DatasetWriter(str(partial), fields, num_workers=workers)
+        _write_file(writer, _Samples(dataset, error_file), partial, path, chunk_size)
+    except BaseException:  # a failed or interrupted (Ctrl-C) write leaves nothing behind
         partial.unlink(missing_ok=True)
         error_file.unlink(missing_ok=True)
+        for folder in reversed(made):
+            _remove_if_empty(folder)
         raise
-    os.replace(partial, path)
     record = {**(info or {}), "num_samples": len(dataset), "fields": list(FIELDS), "write_mode": write_mode,
               "max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
               "compress_probability": compress_probability, "bytes": path.stat().st_size,
               "seconds": round(time.time() - start, 2)}
     write_json(record, info_path(path))
     return path
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; the ones made, outermost first (removed again on failure)."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty: something else was put there meanwhile
+        pass
+
+
+def _write_file(writer, samples: _Samples, partial: Path, path: Path, chunk_size: int) -> None:
+    """Let ``writer`` fill ``partial`` in a child process, then move it to ``path``.
+
+    FFCV's progress loop waits for every sample: a worker that dies on a bad image would leave it
+    spinning forever. So the write runs in a child process, stopped as soon as a sample reports an error
+    (or the parent is interrupted)."""
+    child = mp.get_context("fork").Process(target=_write, args=(writer, samples, chunk_size))
+    child.start()
+    try:
+        while child.is_alive() and not samples.error_file.exists():
+            child.join(0.2)
+    finally:
+        if child.is_alive():
+            os.killpg(child.pid, signal.SIGKILL)
+            child.join()
+    if samples.error_file.exists():
+        raise BetonWriteError(f"could not write {path}: {samples.error_file.read_text()}")
+    if child.exitcode != 0:
+        raise BetonWriteError(f"could not write {path}: FFCV's writer exited with code {child.exitcode}")
+    os.replace(partial, path)
 
 
 def info_path(path: str | Path) -> Path:
@@ -135,10 +192,13 @@ IMAGEFOLDER_MAX_RESOLUTION = 512  # longer side kept for ImageNet-size trees: ro
 
 def write_dataset(name: str, split: str, out: str | Path, *, root: str | None = None, download: bool = False,
                   write_mode: str | None = None, max_resolution: int | None = None, jpeg_quality: int = 90,
-                  compress_probability: float = 0.5, workers: int = -1, chunk_size: int = 100) -> Path:
-    """`tools/write_ffcv.py`: ``get_dataset(name, split, root)`` to ``out``, with defaults per kind of data."""
+                  compress_probability: float = 0.5, workers: int = -1, chunk_size: int = 100,
+                  overwrite: bool = False) -> Path:
+    """`tools/write_ffcv.py`: ``get_dataset(name, split, root)`` to ``out``, with defaults per kind of data.
+    ``out`` is checked first, so that a bad path fails before the dataset is read."""
     from .datasets import get_dataset
 
+    check_out(out, overwrite)
     dataset = get_dataset(name, split, root, download)
     if write_mode is None:
         write_mode = "raw" if name in FIXED_SIZE_SETS else "jpg"
@@ -152,7 +212,7 @@ def write_dataset(name: str, split: str, out: str | Path, *, root: str | None = 
           + (f", JPEG quality {jpeg_quality}" if write_mode != "raw" else "") + ")", flush=True)
     path = write_beton(dataset, out, write_mode=write_mode, max_resolution=max_resolution,
                        jpeg_quality=jpeg_quality, compress_probability=compress_probability, workers=workers,
-                       chunk_size=chunk_size, info=info)
+                       chunk_size=chunk_size, info=info, overwrite=overwrite)
     print(f"[write_ffcv] wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) and {info_path(path).name}",
           flush=True)
     return path

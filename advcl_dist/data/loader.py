@@ -5,13 +5,17 @@ The order of every epoch depends only on (seed, epoch), so all ranks agree on it
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from advcl_dist.config_schema import ConfigError
 from advcl_dist.data.augment import to_float
+from advcl_dist.data.datasets import sample_path
 
 
 class IndexedDataset(Dataset):
@@ -35,6 +39,37 @@ class IndexedDataset(Dataset):
         if self.image_size is not None:
             image = resize_center_crop(image, self.image_size)
         return image, int(label), index
+
+    def sample_name(self, index: int) -> str:
+        """The file of dataset index ``index`` where there is one (ImageFolder), else ``sample <index>``."""
+        return sample_path(self.dataset, index) or f"sample {index}"
+
+
+class BadBatch:
+    """A batch that could not be made, carrying the user-facing message in place of the images.
+
+    A DataLoader worker turns an exception into a traceback text, so the user would see a page of
+    traceback instead of the file to fix; this object crosses the process boundary intact instead, and
+    `Loader.__iter__` raises its message as a ConfigError in the main process."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class _ReportingDataset(Dataset):
+    """What the DataLoader reads: `IndexedDataset` items, or a `BadBatch` for a sample that is a user error."""
+
+    def __init__(self, indexed: IndexedDataset):
+        self.indexed = indexed
+
+    def __len__(self) -> int:
+        return len(self.indexed)
+
+    def __getitem__(self, position: int):
+        try:
+            return self.indexed[position]
+        except ConfigError as err:  # e.g. an unreadable image, named by the reader
+            return BadBatch(str(err))
 
 
 def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -110,14 +145,42 @@ class ShardedSampler(Sampler[int]):
         return self.samples_per_rank - self.start
 
 
-def collate(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack into images uint8 [B,3,S,S], labels int64 [B], indices int64 [B]."""
+def collate(batch: list, name: Callable[[int], str] | None = None):
+    """Stack into images uint8 [B,3,S,S], labels int64 [B], indices int64 [B].
+
+    A `BadBatch` item, or images of different sizes, give a `BadBatch` naming the sample (``name(index)``)."""
+    bad = next((item for item in batch if isinstance(item, BadBatch)), None)
+    if bad is not None:
+        return bad
     images, labels, indices = zip(*batch)
+    if len({tuple(image.shape) for image in images}) > 1:
+        return BadBatch(mixed_sizes_message(images, indices, name or (lambda index: f"sample {index}")))
     return (
         torch.stack(images),
         torch.tensor(labels, dtype=torch.int64),
         torch.tensor(indices, dtype=torch.int64),
     )
+
+
+def size_text(image: torch.Tensor) -> str:
+    """``W×H`` of a [3,H,W] image, the way image viewers and file managers give sizes."""
+    return f"{image.shape[-1]}×{image.shape[-2]}"
+
+
+def mixed_sizes_message(images, indices, name: Callable[[int], str], listed: int = 3) -> str:
+    """Which samples of a batch differ from its most common size (all, if no size repeats), and the
+    data.image_size fix."""
+    sizes = Counter(size_text(image) for image in images)
+    common, count = sizes.most_common(1)[0]
+    odd = [(name(int(index)), size_text(image)) for image, index in zip(images, indices)
+           if count == 1 or size_text(image) != common]
+    shown = ", ".join(f"{path} is {size}" for path, size in odd[:listed])
+    more = f" and {len(odd) - listed} more" if len(odd) > listed else ""
+    most = f", but {count} of the batch's {len(images)} images are {common}" if count > 1 else ""
+    side = min(int(v) for v in common.split("×"))
+    return (f"images of different sizes cannot be batched: {shown}{more}{most}. Set data.image_size=N to resize "
+            f"and center-crop every image to N×N (e.g. data.image_size={side}); data.scan=true lists every "
+            "odd-sized file before training.")
 
 
 class Loader:
@@ -146,7 +209,10 @@ class Loader:
         self.sampler.set_epoch(epoch, start=min(start_batch * self.batch_size, self.sampler.samples_per_rank))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        return iter(self._dataloader)
+        for batch in self._dataloader:
+            if isinstance(batch, BadBatch):
+                raise ConfigError(batch.message)
+            yield batch
 
     def __len__(self) -> int:
         return len(self._dataloader)
@@ -178,11 +244,11 @@ def build_loader(
     generator = torch.Generator()
     generator.manual_seed(seed)
     dataloader = DataLoader(
-        indexed,
+        _ReportingDataset(indexed),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, name=indexed.sample_name),
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
         persistent_workers=workers > 0,

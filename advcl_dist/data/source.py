@@ -58,7 +58,8 @@ def training_data(data: DataConfig, batch_size: int, *, seed: int, rank: int, wo
     """This rank's loader of data.name/data.split, from data.beton with FFCV or from `get_dataset`.
 
     `select(num_samples)` may restrict it to some dataset indices (None: all); num_samples stays the
-    dataset's size, and batches report dataset indices."""
+    dataset's size, and batches report dataset indices. With data.scan an ImageFolder is decoded once first,
+    so that a bad image stops the run here, named, rather than mid-epoch."""
     if data_format(data) == "ffcv":
         from .ffcv_loader import build_ffcv_loader
 
@@ -71,6 +72,11 @@ def training_data(data: DataConfig, batch_size: int, *, seed: int, rank: int, wo
         return TrainingData(loader, info.num_samples, info.num_classes, f"{info.path} (FFCV)")
     dataset = get_dataset(data.name, data.split, data.root, data.download)
     indices = select(len(dataset)) if select else None
+    if data.scan and data.name == "imagefolder":
+        from .scan import scan_images
+
+        scan_images(dataset, workers=data.workers, image_size=data.image_size, indices=indices, rank=rank,
+                    world_size=world_size)
     loader = build_loader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, workers=data.workers,
                           seed=seed, rank=rank, world_size=world_size, image_size=data.image_size,
                           indices=indices)

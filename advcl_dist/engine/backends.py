@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..config_schema import ConfigError
 from ..distributed import DistInfo, barrier
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 
@@ -48,10 +49,13 @@ class TorchEngine:
             save_checkpoint({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                              "scheduler": self.scheduler.state_dict(), **facts}, path)
 
-    def load(self, path: Path) -> dict:
+    def load(self, path: Path, check=None) -> dict:
+        """Restore from `path`; `check(state)` runs first (e.g. refusing another run's checkpoint)."""
         state = load_checkpoint(path, self.dist.device)
+        if check is not None:
+            check(state)
         if "optimizer" not in state:
-            raise RuntimeError(f"{path} was written by train.engine={state.get('engine')}; resume it with that "
+            raise ConfigError(f"{path} was written by train.engine={state.get('engine')}; resume it with that "
                                "engine or start a new out_dir")
         load_weights(self.module, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -133,19 +137,21 @@ class DeepSpeedEngine:
                     shutil.rmtree(old, ignore_errors=True)
         barrier()
 
-    def load(self, path: Path) -> dict:
+    def load(self, path: Path, check=None) -> dict:
         state = load_checkpoint(path, "cpu")
+        if check is not None:
+            check(state)
         tag = state.get("deepspeed_tag")
         if tag is None:
-            raise RuntimeError(f"{path} was written by train.engine=ddp; resume it with that engine "
+            raise ConfigError(f"{path} was written by train.engine=ddp; resume it with that engine "
                                "or start a new out_dir")
         if self.zero_stage > 0 and state.get("world_size") != self.dist.world_size:
-            raise RuntimeError(f"{path}: ZeRO-{self.zero_stage} state was sharded over {state.get('world_size')} "
+            raise ConfigError(f"{path}: ZeRO-{self.zero_stage} state was sharded over {state.get('world_size')} "
                                f"ranks and cannot be resumed on {self.dist.world_size}; use that many ranks")
         load_weights(self.module, state["model"], path)  # the same check, and a clear error, before DeepSpeed's
         loaded, _ = self.model.load_checkpoint(str(path.parent / "deepspeed"), tag=tag)
         if loaded is None:
-            raise RuntimeError(f"DeepSpeed checkpoint {path.parent / 'deepspeed' / tag} is missing; "
+            raise ConfigError(f"DeepSpeed checkpoint {path.parent / 'deepspeed' / tag} is missing; "
                                f"move {path} away to start afresh")
         return state
 

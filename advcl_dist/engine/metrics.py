@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..config_schema import ConfigError
 from ..run_folder import write_text
 
 
@@ -24,10 +25,23 @@ class NonFiniteLossError(RuntimeError):
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop lines logged after `last_step` (by a run that died before its next checkpoint)."""
+    """Drop lines logged after `last_step` (by a run that died before its next checkpoint), and a last line
+    cut short by a crash mid-write (with a warning); a damaged line elsewhere is an error naming it."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    lines = [line for line in path.read_text().splitlines() if line]
+    keep = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                print(f"[train] warning: dropped the half-written last line of {path}", file=sys.stderr, flush=True)
+                break
+            raise ConfigError(f"{path} line {number} is not JSON; it was edited or damaged: repair or delete that "
+                              "line to resume") from None
+        if record.get("step", 0) <= last_step:
+            keep.append(line)
     write_text("".join(line + "\n" for line in keep), path)
 
 

@@ -32,6 +32,10 @@ class LoopSettings:
     weight_decay: float
     # dataset size → the dataset indices to train on (None: all), e.g. all but a held-out validation split
     subset: Callable[[int], Sequence[int] | None] | None = None
+    # Config keys a resume must not change: they define what the checkpoint is (its network, its data, the
+    # meaning of its step count). Other changes are allowed and recorded in run.json.
+    identity: tuple[str, ...] = ("train.method", "train.batch_size", "model.arch", "model.width", "model.proj_dim",
+                                 "model.proj_hidden", "data.name", "data.split", "data.image_size")
 
 
 @dataclass(frozen=True)

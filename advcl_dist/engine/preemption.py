@@ -11,7 +11,9 @@ no rank ever waits on it and the GPU stream is never synchronised.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -19,15 +21,26 @@ import torch.distributed as dist
 
 
 class StopRequest:
-    """A flag set by a signal handler; `agreed()` says, identically on every rank, when to stop."""
+    """A flag set by a signal handler; `agreed()` says, identically on every rank, when to stop.
+
+    Ctrl-C (SIGINT) is a stop request too: the first one stops at the next step boundary (evaluation: after
+    its block) with the checkpoint written; a second one quits at once (KeyboardInterrupt)."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: int | None = None  # the signal that asked
         self._group = None
         self._pending = None  # (work, tensor) posted at the previous boundary
 
-    def set(self, *_) -> None:
+    def set(self, signum: int | None = None, _frame=None) -> None:
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            if os.environ.get("RANK", "0") == "0":
+                print("\nCtrl-C: stopping at the next step boundary with a checkpoint (Ctrl-C again to quit at "
+                      "once)", file=sys.stderr, flush=True)
         self.requested = True
+        self.signal = signum
 
     def agreed(self) -> bool:
         """Call at every step boundary on every rank; True on all ranks at the same boundary."""
@@ -55,13 +68,22 @@ class StopRequest:
             self._group = None
 
 
+def signal_name(signum: int | None) -> str:
+    """"SIGINT (Ctrl-C)", "SIGUSR2 (the launcher's time-limit warning)", or "request" when set directly."""
+    if signum is None:
+        return "request"
+    name = signal.Signals(signum).name
+    return {"SIGINT": "SIGINT (Ctrl-C)", "SIGUSR2": "SIGUSR2 (the launcher's time-limit warning)"}.get(name, name)
+
+
 @contextlib.contextmanager
-def stop_on_signal(signum: int = signal.SIGUSR2) -> Iterator[StopRequest]:
-    """Route `signum` to a StopRequest for the duration (pass it to the stage); the previous handler comes
-    back afterwards."""
+def stop_on_signal(*signums: int) -> Iterator[StopRequest]:
+    """Route `signums` (default SIGUSR2) to a StopRequest for the duration (pass it to the stage); the previous
+    handlers come back afterwards."""
     request = StopRequest()
-    previous = signal.signal(signum, request.set)
+    previous = {s: signal.signal(s, request.set) for s in signums or (signal.SIGUSR2,)}
     try:
         yield request
     finally:
-        signal.signal(signum, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

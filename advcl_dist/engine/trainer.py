@@ -18,13 +18,15 @@ import torch
 from ..config import Config, ConfigError, to_yaml
 from ..data.source import training_data
 from ..distributed import DistInfo, barrier, distributed_session, init_distributed
+from ..faults import fault_point
+from ..folder_lock import folder_lock
 from ..models.sync_bn import convert_sync_batchnorm
 from ..rng import StepRandom
-from ..run_folder import RunFolder
+from ..run_folder import RunFolder, is_finished
 from .backends import build_engine
 from .metrics import MetricLogger, NonFiniteLossError
 from .objective import DataFacts, EpochContext, Objective, StepContext
-from .preemption import StopRequest
+from .preemption import StopRequest, signal_name
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -117,10 +119,36 @@ class Trainer:
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
-        state = self.engine.load(self.checkpoint_path)
+        state = self.engine.load(self.checkpoint_path, check=self._refuse_other_run)
         self.step = state["step"]
         self.objective.load_state_dict(state.get("objective") or {})
         return True
+
+    def _refuse_other_run(self, state: dict) -> None:
+        """A checkpoint whose identity keys (LoopSettings.identity) differ from this config's is another run's:
+        resuming it would mix two experiments (or jump the step count and lr schedule), so stop instead."""
+        import yaml
+
+        saved = yaml.safe_load(state.get("config") or "{}") or {}
+        now = yaml.safe_load(to_yaml(self.cfg))
+
+        def value(tree: dict, key: str):
+            for part in key.split("."):
+                tree = tree.get(part) if isinstance(tree, dict) else None
+            return str(Path(tree).resolve()) if key.endswith("checkpoint") and tree else tree
+
+        differ = [f"{k}: {value(saved, k)!r} → {value(now, k)!r}" for k in self.settings.identity
+                  if value(saved, k) != value(now, k)]
+        if differ:
+            raise ConfigError(f"{self.checkpoint_path} belongs to another run ({'; '.join(differ)}); resuming it "
+                              "with this config would mix the two. Use another out_dir, or restore those values")
+
+    def _check_finite_weights(self) -> None:
+        """The step's loss was finite before the update, but the update itself may have produced NaN/inf:
+        never let such weights replace the last good checkpoint."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        if not bool(finite):
+            raise NonFiniteLossError(f"the weights became non-finite at step {self.step}")
 
     # -- loop -------------------------------------------------------------------------------------
     def fit(self, stop_after_steps: int | None = None, on_step: Callable[[Trainer, dict], None] | None = None,
@@ -132,6 +160,9 @@ class Trainer:
         resumed = self.resume()
         if resumed and self.step >= self.total_steps:
             self.log(f"already finished ({self.checkpoint_path}); nothing to do")
+            if not is_finished(self.out):  # killed between the last checkpoint and run.json's "finished"
+                self.run.start(to_yaml(self.cfg), {"step": self.step})
+                self.run.finish(True, steps_done=self.step)
             return self.out
         changed = self.run.start(to_yaml(self.cfg), {"step": self.step} if resumed else None,
                                  engine=self.cfg.train.engine, sync_bn=self.cfg.train.sync_bn)
@@ -185,6 +216,7 @@ class Trainer:
         ctx = self.context(images, labels, indices)
         with autocast_for(self.cfg, self.device):
             out = self.objective.training_step(ctx)
+        fault_point("train.mid_step")
         self.lr = self.engine.lr  # what this step trains with (logged with it)
         self.engine.update(out.loss)
         self.objective.after_optimizer_step(ctx)
@@ -217,6 +249,8 @@ class Trainer:
                     self.objective.train_mode(engine.module)
                 saved = self.step % t.ckpt_every == 0 or self.step == last or epoch_done
                 if saved:
+                    self._check_finite_weights()
+                    fault_point("train.before_checkpoint")
                     self.save(finished=self.step == self.total_steps)
                 if on_step is not None:
                     on_step(self, record or {})
@@ -226,14 +260,15 @@ class Trainer:
                     # The launcher's warning signal (time limit / preemption): keep every finished step.
                     if not saved:
                         logger.flush(self.step, epoch, self.lr)
+                        self._check_finite_weights()
                         self.save()
                     self.stopped_by_signal = True
-                    self.log(f"stopped at step {self.step} of {self.total_steps} on the launcher's signal; "
-                             f"checkpoint {self.checkpoint_path} written, the requeued job resumes there")
+                    self.log(f"stopped at step {self.step} of {self.total_steps} on {signal_name(stop.signal)}; "
+                             f"checkpoint {self.checkpoint_path} written, a rerun resumes there")
                     return
 
 
 def pretrain(cfg: Config, stop: StopRequest | None = None, stop_after_steps: int | None = None) -> Path:
     """Run (or resume) pretraining as configured, on every rank the launcher started; returns the run folder."""
-    with distributed_session(cfg.train.device) as dist_info:
+    with distributed_session(cfg.train.device) as dist_info, folder_lock(cfg.out_dir, dist_info):
         return Trainer(cfg, dist_info).fit(stop_after_steps, stop=stop)

@@ -18,6 +18,7 @@ import torch
 from ..config import Config
 from ..distributed import slurm_port
 from ..engine.preemption import stop_on_signal
+from ..faults import fault_point
 from ..pipeline import Stage
 
 
@@ -41,6 +42,7 @@ class StageJob:
         with stop_on_signal(usr_sig) as stop:
             result = self.stage.run(cfg, stop=stop)
         if stop.requested and not self.stage.is_done() and callable(submitit_handler):
+            fault_point("launch.requeue")
             submitit_handler(usr_sig, None)  # task 0 requeues the job and exits; the others return
         return result
 

@@ -101,10 +101,24 @@ def read_sweep(path: str | Path) -> tuple[dict, list[SweepPoint]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist; sweeps live in configs/sweeps/")
-    spec = yaml.safe_load(path.read_text()) or {}
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"sweep file {path} is not valid YAML{where} ({problem}); fix it there (an unclosed "
+                          "bracket or quote, a tab for indentation), as in configs/sweeps/") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"sweep file {path} cannot be read ({type(e).__name__}: {e}); give a YAML file as in "
+                          "configs/sweeps/") from None
+    spec = {} if spec is None else spec
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep file {path} holds a {type(spec).__name__}, not a mapping; write it as in "
+                          "configs/sweeps/, e.g. grid: {pseudo.ks: [[2, 10], [50]]}")
     unknown = set(spec) - {"grid", "overrides", "config", "description"}
     if unknown:
-        raise ConfigError(f"sweep file {path}: unknown keys {sorted(unknown)}; use grid, overrides, config, "
+        raise ConfigError(f"sweep file {path}: unknown keys {sorted(map(str, unknown))}; use grid, overrides, config, "
                           "description")
     grid = spec.get("grid")
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):

@@ -16,8 +16,16 @@ from ..config import Config, ConfigError, build_parser, load_config, to_yaml, wi
 from ..provenance import now
 from ..run_folder import write_json, write_text
 from .job import StageJob
+from .partition import check_jobs
 from .plan import STAGE_NAMES, JobGroup, plan_jobs, preflight, read_sweep, sweep_configs
-from .resources import add_resource_arguments, make_executor, resources_from_args, sbatch_script
+from .resources import (
+    Resources,
+    add_resource_arguments,
+    make_executor,
+    require_sbatch,
+    resources_from_args,
+    sbatch_script,
+)
 
 DEFAULT_CONFIG = "configs/cifar10_advcl.yaml"
 
@@ -78,8 +86,9 @@ def submit(args: argparse.Namespace) -> int:
         for cfg in configs:
             preflight(args.stage, cfg)
     groups = plan_jobs(args.stage, configs, resources)
+    note = check_partition(args, resources, groups)
     if args.dry_run:
-        print_dry_run(args, output, configs, points, groups)
+        print_dry_run(args, output, configs, points, groups, note)
         return 0
     output.mkdir(parents=True, exist_ok=True)
     write_text(to_yaml(configs[0] if not points else base), output / "config.yaml")
@@ -93,6 +102,24 @@ def submit(args: argparse.Namespace) -> int:
     finally:  # what was queued is recorded even when a later sbatch (or a local job) fails
         record_submission(output, args, rows)
     return 0
+
+
+def check_partition(args: argparse.Namespace, resources: Resources, groups: list[JobGroup]) -> str | None:
+    """SLURM queues a job its partition can never run and leaves it pending forever: refuse it here, before
+    the first sbatch. A dry run reports the problem in its plan (and on stderr) instead of failing."""
+    if args.cluster != "slurm":
+        return None
+    if not args.dry_run:
+        require_sbatch()
+    jobs = [(g.resources, "--nodes" if g.resources.nodes == resources.nodes or g.stages[0].kind == "summary"
+             else f"launch.{g.stages[0].kind}_nodes") for g in groups]
+    try:
+        return check_jobs(jobs, required=not args.dry_run)
+    except ConfigError as e:
+        if not args.dry_run:
+            raise
+        print(f"warning: {e}", file=sys.stderr)
+        return f"partition check FAILED, a submission would stop here: {e}"
 
 
 def run_groups(cluster: str, output: Path, groups: list[JobGroup], cpus_per_task: int, rows: list[dict]) -> None:
@@ -142,8 +169,10 @@ def record_submission(output: Path, args: argparse.Namespace, rows: list[dict]) 
         print(f"[submit] {len(rows)} job(s) queued; watch them with squeue -u $USER; job ids in {path}", flush=True)
 
 
-def print_dry_run(args, output: Path, configs: list[Config], points, groups: list[JobGroup]) -> None:
-    print(f"# dry run: nothing is submitted\n# output: {output}\n# resolved config"
+def print_dry_run(args, output: Path, configs: list[Config], points, groups: list[JobGroup],
+                  note: str | None = None) -> None:
+    print(f"# dry run: nothing is submitted\n# output: {output}\n" + (f"# {note}\n" if note else "")
+          + "# resolved config"
           + (" of the first sweep point" if points else "") + ":")
     print(to_yaml(configs[0]))
     for p in points:

@@ -43,16 +43,23 @@ class AdvCLSettings:
 
 def load_pseudo_labels(path: str | Path, num_samples: int, ks) -> np.ndarray:
     """Read pseudo_labels.npy and check it lines up with the dataset and the heads."""
-    labels = np.load(path)
+    try:
+        labels = np.load(path, allow_pickle=False)  # a pickled object array could run code: refused
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"pseudo.labels {path} is not a readable .npy array of integers ({e}); write it with "
+                          "the clustering stage (tools/cluster.py) or np.save") from None
+    redo = ("; cluster this dataset again with the same pseudo.ks (tools/cluster.py writes pseudo_labels.npy), "
+            "or point pseudo.labels at the file made for it")
     if labels.ndim != 2 or labels.shape != (num_samples, len(ks)):
         raise ConfigError(f"pseudo.labels {path}: shape {labels.shape}, expected ({num_samples}, {len(ks)}) — "
-                         f"one row per dataset index and one column per K in pseudo.ks={list(ks)}")
+                          f"one row per dataset index and one column per K in pseudo.ks={list(ks)}{redo}")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ConfigError(f"pseudo.labels {path}: dtype {labels.dtype}, expected integers")
+        raise ConfigError(f"pseudo.labels {path}: dtype {labels.dtype}, expected integers (cluster ids){redo}")
     for col, k in enumerate(ks):
         bad = (labels[:, col] < -1) | (labels[:, col] >= k)
         if bad.any():
-            raise ConfigError(f"pseudo.labels {path}: column {col} (K={k}) has labels outside [-1, {k - 1}]")
+            raise ConfigError(f"pseudo.labels {path}: column {col} (K={k}) has labels outside [-1, {k - 1}] — "
+                              f"it was clustered with other Ks than pseudo.ks={list(ks)}{redo}")
     return labels
 
 
