@@ -32,6 +32,9 @@ import torch
 from advcl_dist.config import load_config
 from advcl_dist.engine import pretrain
 from advcl_dist.finetune import finetune
+from dataset_files import truncate, write_image_classes
+
+pytestmark = pytest.mark.integration  # every case runs a whole tool
 
 ROOT = Path(__file__).resolve().parents[1]
 # 1437 digits in 2 steps of 512: pretraining + SLF + PGD-1 evaluation take seconds on one thread.
@@ -181,6 +184,18 @@ def data_root(case_id: str, name: str, what: str, make: Callable[[Path], Path], 
                 pattern)
 
 
+def corrupt_imagefolder(tmp: Path) -> Path:
+    """A class-by-class ImageFolder whose last image was cut short by an interrupted copy."""
+    paths = write_image_classes(tmp / "im" / "train", {"cat": [(16, 16)] * 2, "dog": [(16, 16)] * 2})
+    truncate(paths[-1])
+    return tmp / "im"
+
+
+def mixed_imagefolder(tmp: Path) -> Path:
+    write_image_classes(tmp / "im" / "train", {"cat": [(16, 16)] * 2, "dog": [(16, 16), (14, 10)]})
+    return tmp / "im"
+
+
 REDO = r"cluster this dataset again with the same pseudo\.ks"
 
 
@@ -261,6 +276,15 @@ CASES = [
     data_root("imagefolder-empty-train", "imagefolder", "data.root=<folder with an empty train/>",
               lambda tmp: folder(tmp / "im" / "train").parent,
               r"ImageFolder has no images under \S*im/train.*Set data\.root"),
+    case("imagefolder-corrupt-image", "pretrain", "data.scan=true, one truncated PNG",
+         lambda tmp, s: [f"out_dir={tmp / 'out'}", *TINY, "data.name=imagefolder", "data.scan=true",
+                         f"data.root={corrupt_imagefolder(tmp)}"],
+         r"data\.scan: 1 of 4 images under \S*train cannot be trained on: \S*dog/1\.png is unreadable.*Replace or "
+         r"remove"),
+    case("imagefolder-mixed-sizes", "pretrain", "data.scan=true, images of two sizes, no data.image_size",
+         lambda tmp, s: [f"out_dir={tmp / 'out'}", *TINY, "data.name=imagefolder", "data.scan=true",
+                         f"data.root={mixed_imagefolder(tmp)}"],
+         r"data\.scan: .*\S*dog/1\.png is 10×14.*data\.image_size="),
     # --- pseudo-labels (tools/pretrain.py train.method=advcl pseudo.labels=FILE) ---
     pseudo_labels("pseudo-labels-wrong-shape", "pseudo.labels=<[100, 5] array>",
                   lambda tmp: labels(tmp, shape=(100, 5)),

@@ -88,6 +88,26 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkp
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_an_update_that_makes_the_weights_non_finite_is_never_checkpointed(tmp_path):
+    """Step 4's loss is finite (computed before its update), but the update writes NaN into the weights: step 4's
+    checkpoint must not replace step 2's."""
+    trainer = Trainer(tiny_cfg(tmp_path / "nan", "train.ckpt_every=2"))
+    update = trainer.engine.update
+
+    def poisoned_update(loss):
+        update(loss)
+        if trainer.step == 3:  # the update of step 4 (the counter moves after it)
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+
+    trainer.engine.update = poisoned_update
+    with pytest.raises(NonFiniteLossError, match="weights became non-finite at step 4.*last good checkpoint"):
+        trainer.fit(stop_after_steps=6)
+    state = torch.load(tmp_path / "nan" / CHECKPOINT, weights_only=True)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
 def test_batch_larger_than_the_dataset_is_an_early_error(tmp_path):
     with pytest.raises(ValueError, match="train.batch_size=4096"):
         Trainer(tiny_cfg(tmp_path / "big", "train.batch_size=4096"))

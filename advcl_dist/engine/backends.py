@@ -106,6 +106,9 @@ class DeepSpeedEngine:
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, dist_info: DistInfo,
                  local_batch: int, zero_stage: int):
+        if not torch.distributed.is_initialized():
+            raise ConfigError("train.engine=deepspeed runs under a launch of several ranks (torchrun, srun); on one "
+                              "process use train.engine=ddp (the same training, without DeepSpeed)")
         deepspeed = import_deepspeed(dist_info.device)
         self.dist, self.zero_stage = dist_info, zero_stage
         config = deepspeed_config(local_batch, dist_info.world_size, zero_stage)
