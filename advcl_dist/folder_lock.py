@@ -23,7 +23,7 @@ from .config_schema import ConfigError, UserError
 from .run_folder import remove_stale_temporaries
 
 LOCK = ".lock"
-_held: dict[Path, list] = {}  # resolved folder → [open file, depth]
+_held: dict[Path, list] = {}  # resolved folder → [open file, depth, whether this lock created the folder]
 
 
 def _holder(lock: Path) -> str:
@@ -46,6 +46,7 @@ def acquire(folder: str | Path) -> None:
     path = folder / LOCK
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"out_dir {folder} is a file, not a folder; choose another out_dir")
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         f = open(path, "a+")
@@ -62,7 +63,7 @@ def acquire(folder: str | Path) -> None:
     f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                         "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv}) + "\n")
     f.flush()
-    _held[folder] = [f, 1]
+    _held[folder] = [f, 1, created]
     stale = remove_stale_temporaries(folder)
     if stale:
         print(f"[run] removed {len(stale)} temporary file(s) of a writer killed mid-write under {folder}",
@@ -77,6 +78,10 @@ def release(folder: str | Path) -> None:
     entry[1] -= 1
     if entry[1] == 0:
         del _held[folder]
+        if entry[2] and [p.name for p in folder.iterdir()] == [LOCK]:
+            # a run that stopped before writing anything (a config error) leaves no folder behind
+            (folder / LOCK).unlink()
+            folder.rmdir()
         entry[0].close()  # closing the last descriptor releases the flock
 
 
