@@ -266,3 +266,30 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, refs):
     again = run_tool("pretrain", [f"out_dir={out}", *PRETRAIN])
     assert again.returncode == 0, again.stderr
     assert_same_checkpoint(out / "checkpoint.pt", refs["pretrain"] / "checkpoint.pt")
+
+
+def test_an_unwritable_out_dir_stops_with_one_line_and_keeps_what_is_there(tmp_path):
+    """The folder made read-only: the resumed run stops at its first write, naming the file, changing nothing.
+
+    Root writes anywhere, so as root the rerun runs without the capabilities that let it (setpriv, util-linux)."""
+    out = tmp_path / "run"
+    first = run_tool("pretrain", [f"out_dir={out}", *PRETRAIN], fault="train.mid_step@4")
+    assert first.returncode == -9, first.stderr
+    def files():  # the lock file records its latest holder: not an output
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    out.chmod(0o555)
+    try:
+        command = [sys.executable, str(ROOT / "tools" / "pretrain.py"), f"out_dir={out}", *PRETRAIN]
+        if os.geteuid() == 0:
+            command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
+        refused = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    finally:
+        out.chmod(0o755)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write {out / 'config.yaml'}: Permission denied; the previous config.yaml "
+                           "is unchanged"), last
+    assert files() == before
+
