@@ -68,9 +68,21 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files of writers killed mid-write under `folder` (run by the lock's holder)."""
-    stale = [p for p in Path(folder).rglob(f".*{TMP_SUFFIX}") if p.is_file()] if Path(folder).is_dir() else []
+def remove_stale_temporaries(folder: Path, depth: int = 3) -> list[Path]:
+    """Delete the temporary files of writers killed mid-write in `folder` and its subfolders down to `depth`
+    (a stage writes at most `eval_cache/<attack>/<block>`); run by the folder lock's holder. The depth bound
+    keeps an out_dir pointed at a large shared tree from being walked whole."""
+    stale = []
+    level = [Path(folder)] if Path(folder).is_dir() else []
+    for _ in range(depth + 1):
+        below = []
+        for node in level:
+            for entry in node.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    below.append(entry)
+                elif entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX) and entry.is_file():
+                    stale.append(entry)
+        level = below
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
