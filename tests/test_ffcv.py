@@ -188,9 +188,14 @@ class Interrupting(TensorImageDataset):
 
 def test_an_interrupted_write_leaves_no_file_and_no_folder_behind(tmp_path):
     data = random_set(n=200)
-    with pytest.raises(KeyboardInterrupt):
-        write_beton(Interrupting(data.images, data.labels), tmp_path / "new" / "x.beton", workers=2,
-                    chunk_size=5)
+    # Ctrl-C as a terminal delivers it, whatever handler an earlier test in this worker process left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_beton(Interrupting(data.images, data.labels), tmp_path / "new" / "x.beton", workers=2,
+                        chunk_size=5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert list(tmp_path.iterdir()) == []
 
 
