@@ -49,10 +49,11 @@ def ensure_cluster() -> None:
     assert two_nodes_up()
 
 
-def submit(*argv: str) -> dict:
-    """Run tools/submit.py; returns the last submission of <output>/submit.json."""
+def submit(*argv: str, env: dict | None = None) -> dict:
+    """Run tools/submit.py (`env`: variables added to its environment, which sbatch passes on to the job);
+    returns the last submission of <output>/submit.json."""
     out = subprocess.run([sys.executable, "tools/submit.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                         timeout=900)
+                         timeout=900, env={**os.environ, **(env or {})})
     assert out.returncode == 0, out.stdout + out.stderr
     output = Path(argv[argv.index("--output") + 1])
     return json.loads((output / "submit.json").read_text())["submissions"][-1]

@@ -6,7 +6,8 @@ import subprocess
 import time
 
 import pytest
-from slurm_jobs import NODES, PRETRAIN, job_states, losses, submit, wait_for
+import torch
+from slurm_jobs import NODES, PRETRAIN, TERMINAL, job_states, losses, submit, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -24,6 +25,31 @@ def test_pretraining_runs_on_two_slurm_nodes(two_node_run):
     run = json.loads((two_node_run / "run.json").read_text())
     assert run["world_size"] == 2 and run["nodes"] == ["node1", "node2"] and run["launcher"] == "slurm"
     assert run["finished"] is True and [s for s, _ in losses(two_node_run)] == list(range(1, 34))
+
+
+def test_a_job_killed_while_it_requeues_itself_is_resumed_by_the_resubmission(two_node_run, tmp_path):
+    """ADVCL_FAULT=launch.requeue (advcl_dist/faults.py): after SIGUSR2 every task has written its checkpoint and
+    is about to requeue the job, and dies (SIGKILL). The job ends failed; the same submit command again resumes
+    it to the uninterrupted run's losses."""
+    command = ("--cluster", "slurm", *NODES, "--stage", "pretrain", "--config", "configs/demo.yaml", "--output",
+               str(tmp_path), *PRETRAIN)
+    job = submit(*command, env={"ADVCL_FAULT": "launch.requeue"})["jobs"][0]["job_ids"][0]
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoint.pt").exists():
+        assert time.time() < deadline and job_states([job])[job].startswith(("PENDING", "RUNNING"))
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    while (state := job_states([job])[job].split()[0]) not in TERMINAL:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert state != "COMPLETED" and "Restarts=0" in subprocess.run(["scontrol", "show", "job", job],
+                                                                   capture_output=True, text=True).stdout
+    stopped = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"]
+    assert 5 <= stopped < 33
+    wait_for(submit(*command)["jobs"][0]["job_ids"])
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["finished"] is True and run["resumes"][-1]["step"] == stopped
+    assert losses(tmp_path) == losses(two_node_run)
 
 
 def test_local_cluster_runs_the_same_pretraining(two_node_run, tmp_path):
