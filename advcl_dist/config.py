@@ -128,6 +128,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return _apply_overrides(cfg, overrides)
 
 
+def yaml_problem(error) -> str:
+    """` at line L, column C (what the parser expected)` of a YAML syntax error, for one-line messages."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where} ({getattr(error, 'problem', None) or str(error).splitlines()[0]})"
+
+
 def _read_preset(path: Path):
     """A preset file as a mapping; ConfigError naming the file (and the line) when it is not YAML or not a mapping."""
     import yaml
@@ -135,10 +142,7 @@ def _read_preset(path: Path):
     try:
         preset = OmegaConf.load(path)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML{where} ({problem}); fix it there (an unclosed "
+        raise ConfigError(f"config file {path} is not valid YAML{yaml_problem(e)}; fix it there (an unclosed "
                           "bracket or quote, a tab for indentation) or start from a preset in configs/") from None
     except (OSError, UnicodeDecodeError, OmegaConfBaseException) as e:
         raise ConfigError(f"config file {path} cannot be read ({type(e).__name__}: {e}); point --config at a "

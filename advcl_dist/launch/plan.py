@@ -17,7 +17,7 @@ import yaml
 
 from ..cluster import CLUSTERS as CLUSTERS_FILE
 from ..cluster import cluster
-from ..config import Config, ConfigError, with_overrides
+from ..config import Config, ConfigError, with_overrides, yaml_problem
 from ..engine import pretrain
 from ..evaluate import RESULTS, evaluate
 from ..finetune import finetune
@@ -104,10 +104,7 @@ def read_sweep(path: str | Path) -> tuple[dict, list[SweepPoint]]:
     try:
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"sweep file {path} is not valid YAML{where} ({problem}); fix it there (an unclosed "
+        raise ConfigError(f"sweep file {path} is not valid YAML{yaml_problem(e)}; fix it there (an unclosed "
                           "bracket or quote, a tab for indentation), as in configs/sweeps/") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"sweep file {path} cannot be read ({type(e).__name__}: {e}); give a YAML file as in "
