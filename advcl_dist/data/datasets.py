@@ -20,7 +20,6 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from ..config_schema import ConfigError
-from . import safe_pickle
 
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagefolder")
 
@@ -124,7 +123,7 @@ def _torchvision_classes() -> dict[str, type]:
 
     torchvision checks md5 on every read; the STL-10 reader only checks that the files exist (md5=None), so
     that md5 is verified once, at download time, by the original class. CIFAR is not read through
-    torchvision at all (its files are pickles, see `_read_cifar`); only its file lists are used."""
+    torchvision at all (its files are pickles, see cifar.py); only its file lists are used."""
     from torchvision.datasets import CIFAR10, CIFAR100, STL10, ImageFolder
 
     class ImageFolderDataset(ImageFolder):
@@ -156,7 +155,9 @@ def get_dataset(name: str, split: str, root: str | Path | None = None, download:
         return _digits(split)
     if name in ("cifar10", "cifar100"):
         original = _torchvision_classes()["CIFAR10" if name == "cifar10" else "CIFAR100"]
-        return _cifar(original, f"CIFAR-{name[5:]}", split, root, download)
+        from .cifar import read_cifar  # its own module: the pickle-safe reader of CIFAR's files
+
+        return read_cifar(original, f"CIFAR-{name[5:]}", split, root, download)
     if name == "stl10":
         return _stl10(split, root, download)
     return _imagefolder(split, root)
@@ -233,47 +234,6 @@ def _download_fix(folder: str) -> str:
     return (
         f"Set data.root to the folder that contains {folder}, or set data.download=true to download it there."
     )
-
-
-def _cifar(original, title: str, split: str, root, download: bool) -> TensorImageDataset:
-    root = _require_root(title, root, original.base_folder)
-    if download:
-        _download_cifar(original, root)
-    files = [name for name, _ in original.train_list + original.test_list] + [original.meta["filename"]]
-    folder = root / original.base_folder
-    _require_files(title, folder, files, _download_fix(original.base_folder))
-    batches = original.train_list if split == "train" else original.test_list
-    images, labels = _read_cifar([folder / name for name, _ in batches])
-    classes = safe_pickle.load(folder / original.meta["filename"])[original.meta["key"]]
-    return TensorImageDataset(torch.from_numpy(images), torch.as_tensor(labels, dtype=torch.int64),
-                              classes=list(classes))
-
-
-def _read_cifar(paths: list[Path]) -> tuple[np.ndarray, list[int]]:
-    """Images uint8 [N,3,32,32] and labels of CIFAR batch files, unpickled by `safe_pickle`: a plain
-    `pickle.load` (torchvision's) runs whatever code a crafted file in data.root carries."""
-    images, labels = [], []
-    for path in paths:
-        entry = safe_pickle.load(path)
-        try:
-            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(int(label) for label in entry["labels" if "labels" in entry else "fine_labels"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ConfigError(f"{path} is not a CIFAR batch file ({type(err).__name__}: {err}); delete it and "
-                              "set data.download=true to fetch the official files.") from err
-    return np.ascontiguousarray(np.concatenate(images)), labels
-
-
-def _download_cifar(original, root: Path) -> None:
-    """Fetch the archive unless every file is there with its md5, as torchvision's `download()` does, but
-    without its constructor, which would unpickle the files with `pickle.load`."""
-    from torchvision.datasets.utils import check_integrity, download_and_extract_archive
-
-    folder = root / original.base_folder
-    files = original.train_list + original.test_list + [[original.meta["filename"], original.meta["md5"]]]
-    if all(check_integrity(str(folder / name), md5) for name, md5 in files):
-        return
-    download_and_extract_archive(original.url, str(root), filename=original.filename, md5=original.tgz_md5)
 
 
 def _stl10(split: str, root, download: bool) -> TensorImageDataset:
