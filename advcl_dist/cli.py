@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from . import faults
 from .config import build_parser, config_from_args
 from .config_schema import UserError
 
@@ -23,6 +24,7 @@ def run_stage(stage: str | Callable[..., object], description: str, argv: list[s
     training stops at a step boundary with its checkpoint written, evaluation after its current block.
     """
     args = build_parser(description).parse_args(argv)
+    faults.check_environment()
     if isinstance(stage, str):
         module, name = stage.split(":")
         stage = getattr(importlib.import_module(module), name)

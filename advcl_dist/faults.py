@@ -1,16 +1,21 @@
 """Named crash points for the kill-anywhere tests: `ADVCL_FAULT=<point>[:<file>][@<n>]` SIGKILLs the process.
 
 Each place where a crash matters calls `fault_point(name)` (or `fault_point(name, file_name)` inside the
-atomic writer). Unset — every run outside the tests — it costs one dict lookup. Set, the process kills
-itself with SIGKILL (no handler, no `finally`, no flush: what a node failure or the OOM killer does) the
-n-th time (default 1st) execution reaches the point; `:<file>` restricts a writer point to one file name,
-`ADVCL_FAULT_RANK=r` to one rank of a launch (default: every rank). tests/test_kill_matrix.py kills a stage
+atomic writer). Unset — every run outside the tests — it costs one environment lookup. Set, the process
+kills itself with SIGKILL (no handler, no `finally`, no flush: what a node failure or the OOM killer does)
+the n-th time (default 1st) execution reaches the point; `:<file>` restricts a writer point to one file
+name, `ADVCL_FAULT_RANK=r` to one rank of a launch (default: every rank). The variables are read when a
+stage starts (`check_environment`) and at each point, never at import: a process forked from one that
+imported this module (tests/warm_tools.py) follows its own environment. tests/test_kill_matrix.py kills a stage
 at each point, reruns the same command and compares the result with an uninterrupted run's.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
+
+from .config_schema import ConfigError
 
 ENV, RANK_ENV = "ADVCL_FAULT", "ADVCL_FAULT_RANK"
 
@@ -29,17 +34,16 @@ POINTS = {
 }
 
 
-def _parse(spec: str | None) -> tuple[str, str | None, int] | None:
-    if not spec:
-        return None
+@functools.lru_cache(maxsize=4)
+def _parse(spec: str) -> tuple[str, str | None, int]:
     point, _, count = spec.partition("@")
     point, _, file_name = point.partition(":")
-    if point not in POINTS:
-        raise ValueError(f"{ENV}={spec!r}: unknown point {point!r}; points: {', '.join(POINTS)}")
+    if point not in POINTS or not (count or "1").isdigit() or int(count or 1) < 1:
+        raise ConfigError(f"{ENV}={spec!r} is not <point>[:<file>][@<n ≥ 1>] with a known point; unset it, or "
+                          f"use one of: {', '.join(POINTS)}")
     return point, file_name or None, int(count or 1)
 
 
-_SPEC = _parse(os.environ.get(ENV))
 _hits = 0
 
 
@@ -53,11 +57,19 @@ def _this_rank() -> bool:
 def fault_point(name: str, file_name: str | None = None) -> None:
     """SIGKILL this process here if `ADVCL_FAULT` names this point (and file) and its count is reached."""
     global _hits
-    if _SPEC is None:
+    spec = os.environ.get(ENV)
+    if not spec:
         return
-    point, only_file, count = _SPEC
+    point, only_file, count = _parse(spec)
     if name != point or (only_file is not None and file_name != only_file) or not _this_rank():
         return
     _hits += 1
     if _hits == count:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_environment() -> None:
+    """Refuse an unknown point before the stage does any work (a one-line ConfigError)."""
+    spec = os.environ.get(ENV)
+    if spec:
+        _parse(spec)

@@ -15,7 +15,6 @@ must be refused by name, and the marker must not exist afterwards.
 """
 from __future__ import annotations
 
-import pathlib
 import pickle
 import re
 import runpy
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from unsafe_files import Payload
 
 from advcl_dist.config import load_config
 from advcl_dist.engine import pretrain
@@ -46,16 +46,6 @@ DIGITS_TRAIN = 1437
 MARKER = "pwned"  # the file a payload's unpickling creates, in the case's folder
 REFUSED = r"was refused: it holds a Python object \(\S+\) beyond tensors"
 LOCK = r"(^|/)\.lock$"
-
-
-class Payload:
-    """Unpickled, it touches `marker`: what a crafted checkpoint does under a full unpickler."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return pathlib.Path.touch, (pathlib.Path(self.marker),)
 
 
 # -- shared runs -------------------------------------------------------------------------------------

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 from ranks import run_ranks
+from unsafe_files import Payload
 
 from advcl_dist.config import load_config
 from advcl_dist.distributed import DistInfo, distributed_session
 from advcl_dist.engine import CHECKPOINT, Trainer
+from advcl_dist.engine.checkpoint import UnsafeFileError, check_deepspeed_shards
 
 pytestmark = pytest.mark.distributed
 
@@ -115,9 +117,17 @@ def test_deepspeed_matches_ddp_in_fp32(tmp_path, monkeypatch, zero_stage):
     for step in ddp:
         assert ds[step]["loss"] == pytest.approx(ddp[step]["loss"], abs=1e-5)
         assert ds[step]["lr"] == pytest.approx(ddp[step]["lr"])
-    state = torch.load(tmp_path / "ds" / CHECKPOINT, weights_only=False)
+    state = torch.load(tmp_path / "ds" / CHECKPOINT, weights_only=True)
     assert state["step"] == STEPS and state["deepspeed_tag"] == f"step{STEPS}"
     assert [p.name for p in (tmp_path / "ds" / "deepspeed").iterdir() if p.is_dir()] == [f"step{STEPS}"]
+    # DeepSpeed unpickles its shards fully: a resume lets it only after their pickles name nothing unsafe
+    shards = tmp_path / "ds" / "deepspeed" / f"step{STEPS}"
+    check_deepspeed_shards(shards)  # what this DeepSpeed writes (ZeRO-2: a loss scaler, enums, fragments)
+    crafted = shards / "zero_pp_rank_9_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": Payload(tmp_path / "pwned")}, crafted)
+    with pytest.raises(UnsafeFileError, match=r"zero_pp_rank_9\S* was refused: it holds a Python object"):
+        check_deepspeed_shards(shards)
+    assert not (tmp_path / "pwned").exists()
 
 
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from warm_tools import WarmTools
 
 from advcl_dist.faults import ENV, POINTS, RANK_ENV
 
@@ -36,10 +37,13 @@ PRETRAIN = [*COMMON, "train.method=advcl", "train.epochs=2", "train.batch_size=2
             "attack.steps=1", "train.ckpt_every=3", "train.log_every=1"]
 CLUSTER = [*COMMON, "pseudo.ks=[2,10]", "pseudo.iters=5", "eval.batch_size=500"]
 # 360 test digits: PGD in 4 blocks of 100, AutoAttack on the first 40 (1 block). At ε = 0.25 APGD-CE breaks every
-# image of the tiny classifier, so AutoAttack's other three attacks (minutes on an image that resists) have none.
+# image of the tiny classifier, so AutoAttack's other three attacks (seconds on an image that resists) have none;
+# SLF's lr of 0.001 keeps its logits small enough for that (at the default 0.01 the loss grows to ~180, APGD-CE's
+# gradient vanishes and APGD-T takes 10x longer).
 EVAL = ["attack.eps=0.25", "attack.step_size=0.1", "attack.eval_steps=1", "eval.batch_size=100",
         "eval.autoattack=true", "eval.aa_n=40"]
-SLF = [*COMMON, "finetune.mode=slf", "finetune.epochs=2", "finetune.batch_size=256", "train.log_every=1", *EVAL]
+SLF = [*COMMON, "finetune.mode=slf", "finetune.epochs=2", "finetune.batch_size=256", "finetune.lr=0.001",
+       "train.log_every=1", *EVAL]
 AFF = [*SLF[:-len(EVAL)], "finetune.mode=aff", "attack.supervised_steps=1", "train.ckpt_every=2",
        "eval.autoattack=false", "attack.eval_steps=1", "eval.batch_size=360"]  # checkpoints at 2, 4, 5, 6, ...
 PIPELINE = [*COMMON, "train.batch_size=256", "train.epochs=1", "optim.warmup_epochs=0", "attack.steps=1",
@@ -56,10 +60,23 @@ def env(**extra: str) -> dict[str, str]:
     return {**base, "OMP_NUM_THREADS": "1", **extra}
 
 
-def run_tool(tool: str, args: list[str], fault: str | None = None, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), *args], cwd=ROOT,
-                          env=env(**({ENV: fault} if fault else {})), capture_output=True, text=True,
-                          timeout=TIMEOUT, **popen)
+@pytest.fixture(scope="module")
+def warm():
+    """Every run below is its own process, forked from one that has imported torch (tests/warm_tools.py)."""
+    server = WarmTools(env())
+    yield server
+    server.close()
+
+
+def run_tool(warm: WarmTools, tool: str, args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    code, out, err = warm.run(tool, args, env(**({ENV: fault} if fault else {})), TIMEOUT)
+    return subprocess.CompletedProcess([f"tools/{tool}.py", *args], code, out, err)
+
+
+def run_cold(tool: str, args: list[str], **popen) -> subprocess.CompletedProcess:
+    """A tool started from a fresh interpreter, for what a fork cannot set up (resource limits)."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=TIMEOUT, **popen)
 
 
 def stage_args(stage: str, out: Path, refs: dict[str, Path]) -> list[str]:
@@ -73,13 +90,13 @@ def stage_args(stage: str, out: Path, refs: dict[str, Path]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def refs(tmp_path_factory) -> dict[str, Path]:
+def refs(tmp_path_factory, warm) -> dict[str, Path]:
     """Every stage run once, uninterrupted (later stages read the pretraining and SLF outputs)."""
     root = tmp_path_factory.mktemp("uninterrupted")
     folders: dict[str, Path] = {}
     for stage in ("pretrain", "cluster", "slf", "aff", "evaluate", "pipeline"):
         folders[stage] = root / stage
-        done = run_tool(TOOLS[stage], stage_args(stage, folders[stage], folders))
+        done = run_tool(warm, TOOLS[stage], stage_args(stage, folders[stage], folders))
         assert done.returncode == 0, done.stderr
     return folders
 
@@ -195,15 +212,15 @@ def test_the_matrix_covers_every_stage_and_point():
 
 
 @pytest.mark.parametrize("kill", MATRIX, ids=lambda k: k.id)
-def test_killed_then_rerun_equals_uninterrupted(kill, refs, tmp_path):
+def test_killed_then_rerun_equals_uninterrupted(kill, refs, warm, tmp_path):
     out = tmp_path / "run"
     args = stage_args(kill.stage, out, refs)
-    killed = run_tool(TOOLS[kill.stage], args, fault=kill.fault)
+    killed = run_tool(warm, TOOLS[kill.stage], args, fault=kill.fault)
     assert killed.returncode == -9, f"{kill.fault} was not reached (exit {killed.returncode}):\n{killed.stderr}"
     # a training stage killed with an unfinished checkpoint resumes from it (one killed in its evaluation does not)
     resumes = kill.stage in ("pretrain", "slf", "aff") and any(
         not weights(p)["finished"] for p in [*out.glob("checkpoint.pt"), *out.glob("classifier.pt")])
-    again = run_tool(TOOLS[kill.stage], args)
+    again = run_tool(warm, TOOLS[kill.stage], args)
     assert again.returncode == 0, again.stderr
     COMPARE[kill.stage](out, refs[kill.stage])
     assert not list(out.rglob("*.tmp")), "a killed writer's temporary file was left behind"
@@ -246,10 +263,10 @@ def test_a_killed_rank_is_named_by_the_survivor_and_the_rerun_resumes(tmp_path):
 
 
 # -- a full disk -----------------------------------------------------------------------------------------
-def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, refs):
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, refs, warm):
     """The kernel refuses the write (RLIMIT_FSIZE: EFBIG, as ENOSPC would) of the next checkpoint."""
     out = tmp_path / "run"
-    first = run_tool("pretrain", [f"out_dir={out}", *PRETRAIN], fault="train.mid_step@4")
+    first = run_tool(warm, "pretrain", [f"out_dir={out}", *PRETRAIN], fault="train.mid_step@4")
     assert first.returncode == -9, first.stderr
     kept = (out / "checkpoint.pt").read_bytes()  # step 3's; the next is written at step 5
     limit = len(kept) // 2
@@ -257,25 +274,26 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, refs):
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    full = run_tool("pretrain", [f"out_dir={out}", *PRETRAIN], preexec_fn=small_files)
+    full = run_cold("pretrain", [f"out_dir={out}", *PRETRAIN], preexec_fn=small_files)
     assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
     last = full.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: cannot write {out / 'checkpoint.pt'}: File too large; the previous "
                            "checkpoint.pt is unchanged"), last
     assert (out / "checkpoint.pt").read_bytes() == kept
     assert not list(out.rglob("*.tmp"))
-    again = run_tool("pretrain", [f"out_dir={out}", *PRETRAIN])
+    again = run_tool(warm, "pretrain", [f"out_dir={out}", *PRETRAIN])
     assert again.returncode == 0, again.stderr
     assert_same_checkpoint(out / "checkpoint.pt", refs["pretrain"] / "checkpoint.pt")
 
 
-def test_an_unwritable_out_dir_stops_with_one_line_and_keeps_what_is_there(tmp_path):
+def test_an_unwritable_out_dir_stops_with_one_line_and_keeps_what_is_there(tmp_path, warm):
     """The folder made read-only: the resumed run stops at its first write, naming the file, changing nothing.
 
     Root writes anywhere, so as root the rerun runs without the capabilities that let it (setpriv, util-linux)."""
     out = tmp_path / "run"
-    first = run_tool("pretrain", [f"out_dir={out}", *PRETRAIN], fault="train.mid_step@4")
+    first = run_tool(warm, "pretrain", [f"out_dir={out}", *PRETRAIN], fault="train.mid_step@4")
     assert first.returncode == -9, first.stderr
+
     def files():  # the lock file records its latest holder: not an output
         return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
 

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config_schema import ConfigError
 from ..distributed import DistInfo, barrier
-from .checkpoint import load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import check_deepspeed_shards, load_checkpoint, load_weights, save_checkpoint
 
 
 class TorchEngine:
@@ -152,6 +152,7 @@ class DeepSpeedEngine:
             raise ConfigError(f"{path}: ZeRO-{self.zero_stage} state was sharded over {state.get('world_size')} "
                                f"ranks and cannot be resumed on {self.dist.world_size}; use that many ranks")
         load_weights(self.module, state["model"], path)  # the same check, and a clear error, before DeepSpeed's
+        check_deepspeed_shards(path.parent / "deepspeed" / tag)
         loaded, _ = self.model.load_checkpoint(str(path.parent / "deepspeed"), tag=tag)
         if loaded is None:
             raise ConfigError(f"DeepSpeed checkpoint {path.parent / 'deepspeed' / tag} is missing; "

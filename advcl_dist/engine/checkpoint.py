@@ -59,6 +59,34 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     return state
 
 
+# What DeepSpeed's ZeRO optimizer shards pickle beside tensors: plain records (a loss scaler's numbers, an
+# enum, a fragment's offsets). DeepSpeed reads its shards with a full unpickler; we let it only after the
+# pickle of every shard names nothing else.
+DEEPSPEED_GLOBALS = frozenset({"deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                               "deepspeed.runtime.zero.config.ZeroStageEnum",
+                               "deepspeed.utils.tensor_fragment.fragment_address"})
+
+
+def check_deepspeed_shards(folder: Path) -> None:
+    """Refuse a DeepSpeed checkpoint folder whose files would run code when DeepSpeed unpickles them.
+
+    `get_unsafe_globals_in_checkpoint` reads the pickles' opcodes without executing them; any callable a
+    pickle can invoke must first be named as a global, so a file naming only torch's safe types and
+    DEEPSPEED_GLOBALS cannot run anything else."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for shard in sorted(Path(folder).glob("*.pt")):
+        try:
+            unsafe = set(get_unsafe_globals_in_checkpoint(shard)) - DEEPSPEED_GLOBALS
+        except Exception as e:  # truncated, not a torch file
+            raise ConfigError(f"{shard} cannot be read as a DeepSpeed checkpoint shard ({type(e).__name__}); it is "
+                              "damaged: move the run's checkpoint.pt and deepspeed/ away to start afresh") from None
+        if unsafe:
+            raise UnsafeFileError(f"{shard} was refused: it holds a Python object ({sorted(unsafe)[0]}) beyond what "
+                                  "DeepSpeed writes, and loading it could run code. Resume only from DeepSpeed "
+                                  "checkpoints written by this package, or start a new out_dir")
+
+
 def load_weights(module: nn.Module, weights: dict, path: Path) -> None:
     """`module.load_state_dict(weights)`, or one clear error when `path` holds another network's weights."""
     try:
