@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= auto
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: install system-packages demo test test-fast lint clean
+.PHONY: install system-packages demo test test-fast lint clean gpu-wheels
 
 install: system-packages $(STAMP)
 
@@ -50,6 +50,10 @@ test: install
 # The development tier: no multi-process, SLURM or end-to-end tests (minutes, not a quarter of an hour).
 test-fast: install
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not distributed and not slurm and not integration" $(PYTEST_ARGS)
+
+# The wheels tools/gpu_check.sh carries to the GPU machine (no network there): docs/benchmarks.md, "The GPU check"
+gpu-wheels: install
+	PYTHON=$(BIN)/python tools/gpu_wheels.sh
 
 lint: install
 	$(BIN)/ruff check .

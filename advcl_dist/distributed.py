@@ -224,8 +224,10 @@ def gather_shards(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 class _GatherRows(torch.autograd.Function):
     """All ranks' rows, concatenated in rank order; the backward hands each rank the summed gradient of its rows.
 
-    Written here because torch.distributed.nn's autograd all_gather is deprecated; all_reduce (not
-    reduce_scatter) keeps it working on gloo, and the tensors gathered here are small.
+    Written here because torch.distributed.nn's autograd all_gather is deprecated. The backward is a
+    reduce-scatter: each rank receives only its own rows' sums, half an all-reduce's bytes on NCCL's ring
+    (gloo runs it as an all-reduce underneath); docs/scaling.md: the gathers, not the gradients, dominate
+    communication at large global batch.
     """
 
     @staticmethod
@@ -237,9 +239,9 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
-        dist.all_reduce(grad)
-        rows = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+        own = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))
+        dist.reduce_scatter_single(own, grad)
+        return own
 
 
 def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -1,20 +1,23 @@
+import math
+
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import RandomResizedCrop
 
 from advcl_dist.data.augment import (
-    _color_jitter,
-    _crop_flip_params,
-    _grayscale,
-    _random_grayscale,
-    _resized_crop,
-    _sample_boxes,
+    SIMCLR_DRAWS,
+    TRIES,
+    _boxes,
+    _constants,
     crop_flip_view,
     simclr_view,
     to_float,
 )
+from advcl_dist.data.augment_colour import color_jitter, grayscale, random_grayscale
 from advcl_dist.rng import StepRandom
+
+JITTER = (0.4, 0.4, 0.4, 0.1)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -30,43 +33,87 @@ def _images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (batch, 3, height, width), generator=_gen(seed), dtype=torch.uint8)
 
 
-# --- RandomResizedCrop: resize part -------------------------------------------------------------------------
+# --- SimCLR view: torchvision's transforms per sample, from the same uniforms ----------------------------------
+
+
+def _reference_params(u, height, width, scale, ratio, jitter=JITTER, jitter_p=0.8, gray_p=0.2, flip_p=0.5):
+    """torchvision's RandomResizedCrop / ColorJitter / RandomGrayscale parameters, in Python floats, from one
+    sample's SimCLR uniforms: tries (scales, then log-ratios), left, top, flip, apply, 4 factors, order, gray."""
+    u = u.double().tolist()
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for t in range(TRIES):
+        target = height * width * (scale[0] + u[t] * (scale[1] - scale[0]))
+        aspect = math.exp(log_ratio[0] + u[TRIES + t] * (log_ratio[1] - log_ratio[0]))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = math.floor(u[2 * TRIES] * (width - w + 1)), math.floor(u[2 * TRIES + 1] * (height - h + 1))
+            break
+    else:
+        top, left, h, w = RandomResizedCrop.get_params(torch.zeros(1, height, width), [2.0, 3.0], list(ratio))
+    rest = u[2 * TRIES + 2 :]
+    low = [max(0.0, 1 - j) for j in jitter[:3]] + [-jitter[3]]
+    high = [1 + j for j in jitter[:3]] + [jitter[3]]
+    factors = [lo + f * (hi - lo) for lo, f, hi in zip(low, rest[2:6], high)]
+    order = sorted(range(4), key=lambda i: rest[6 + i])
+    return (top, left, h, w), rest[0] < flip_p, rest[1] < jitter_p, factors, order, rest[10] < gray_p
+
+
+def _reference_view(image, params, size):
+    (top, left, h, w), flip, apply, factors, order, gray = params
+    x = TF.resized_crop(image, top, left, h, w, [size, size], antialias=False)
+    if flip:
+        x = TF.horizontal_flip(x)
+    if apply:
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for op in order:
+            x = ops[op](x, factors[op])
+    return TF.rgb_to_grayscale(x, num_output_channels=3) if gray else x
 
 
 @pytest.mark.parametrize(
-    ("height", "width", "size"), [(32, 32, 32), (40, 36, 32), (32, 28, 24), (20, 24, 48)]
+    ("height", "width", "size", "scale", "ratio"),
+    [
+        (32, 32, 32, (0.2, 1.0), (3 / 4, 4 / 3)),
+        (40, 36, 32, (0.2, 1.0), (3 / 4, 4 / 3)),
+        (32, 28, 24, (0.002, 1.0), (1 / 8, 8.0)),  # boxes down to 1 pixel wide or high
+        (20, 24, 48, (0.2, 1.0), (3 / 4, 4 / 3)),  # upsampling
+        (20, 40, 32, (2.0, 3.0), (3 / 4, 4 / 3)),  # nothing fits: the central fallback
+    ],
 )
-def test_resized_crop_matches_torchvision(height, width, size):
-    batch = 24
-    g = _gen(1)
-    x = torch.rand(batch, 3, height, width, generator=g)
-    box_h = torch.randint(1, height + 1, (batch,), generator=g)
-    box_w = torch.randint(1, width + 1, (batch,), generator=g)
-    box_h[:4] = torch.tensor([1, height, size if size <= height else height, 2])
-    box_w[:4] = torch.tensor([width, 1, size if size <= width else width, 3])
-    top = (torch.rand(batch, generator=g) * (height - box_h + 1)).long()
-    left = (torch.rand(batch, generator=g) * (width - box_w + 1)).long()
-    flip = torch.rand(batch, generator=g) < 0.5
-    flip[:2] = torch.tensor([False, True])
-
-    out = _resized_crop(x, top, left, box_h, box_w, flip, size)
+def test_simclr_view_matches_torchvision_per_sample(height, width, size, scale, ratio):
+    """Crop, resize, flip, colour jitter in each sample's order and grayscale as torchvision's functional
+    transforms do them one image at a time, with the parameters that the view's uniforms give torchvision's
+    RandomResizedCrop, ColorJitter and RandomGrayscale. Tolerance: grid_sample's coordinate round trip
+    (a few 1e-6) carried through the colour ops."""
+    batch = 48
+    images = _images(batch, height, width, seed=1)
+    out = simclr_view(images, _random(2), size=size, scale=scale, ratio=ratio)
+    u = _random(2).rand((batch, SIMCLR_DRAWS))
     assert out.shape == (batch, 3, size, size) and out.dtype == torch.float32
+    sizes = set()
     for n in range(batch):
-        args = (int(top[n]), int(left[n]), int(box_h[n]), int(box_w[n]))
-        ref = TF.resized_crop(x[n], *args, [size, size], antialias=False)
-        if flip[n]:
-            ref = TF.horizontal_flip(ref)
-        torch.testing.assert_close(out[n], ref, atol=1e-5, rtol=0, msg=f"sample {n}: box {args}")
+        params = _reference_params(u[n], height, width, scale, ratio)
+        sizes.add(params[0][2:])
+        ref = _reference_view(to_float(images[n]), params, size)
+        torch.testing.assert_close(out[n], ref, atol=1e-5, rtol=0, msg=f"sample {n}: {params}")
+    assert len(sizes) == 1 if scale[0] > 1 else len(sizes) > batch // 2  # the fallback box, or many boxes
 
 
 # --- RandomResizedCrop: box sampling ------------------------------------------------------------------------
 
 
+def _simclr_boxes(u, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """(top, left, h, w) int64, as torchvision orders them, of SimCLR uniforms u [n, draws]."""
+    k = _constants(u.device, height, width, 32, 0, 0, 1, tuple(scale), tuple(ratio), 0.5, JITTER, 0.8, 0.2)
+    start, length, _ = _boxes(None, u[:, None], k)
+    (left, top), (w, h) = start[:, 0].long().unbind(1), length[:, 0].long().unbind(1)
+    return top, left, h, w
+
+
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40), (40, 24)])
 def test_boxes_are_valid_and_respect_scale_and_ratio(height, width):
     scale, ratio = (0.2, 1.0), (3 / 4, 4 / 3)
-    top, left, h, w = _sample_boxes(20000, height, width, _random(2), scale, ratio)
-    assert all(t.dtype == torch.int64 for t in (top, left, h, w))
+    top, left, h, w = _simclr_boxes(_random(2).rand((20000, SIMCLR_DRAWS)), height, width, scale, ratio)
     assert (h >= 1).all() and (w >= 1).all()
     assert (top >= 0).all() and (left >= 0).all()
     assert (top + h <= height).all() and (left + w <= width).all()
@@ -88,7 +135,7 @@ def test_fallback_is_torchvision_central_crop(height, width):
     # A scale above 1 never fits, so every sample must take the fallback.
     scale, ratio = (2.0, 3.0), (3 / 4, 4 / 3)
     ref = RandomResizedCrop.get_params(torch.zeros(3, height, width), list(scale), list(ratio))
-    boxes = torch.stack(_sample_boxes(8, height, width, _random(3), scale, ratio), dim=1)
+    boxes = torch.stack(_simclr_boxes(_random(3).rand((8, SIMCLR_DRAWS)), height, width, scale, ratio), dim=1)
     assert (boxes == torch.tensor(ref)).all()
 
 
@@ -99,7 +146,7 @@ def test_box_distribution_matches_torchvision():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         ref = torch.tensor([RandomResizedCrop.get_params(img, scale, ratio) for _ in range(n)])
-    ours = torch.stack(_sample_boxes(n, height, width, _random(4), tuple(scale), tuple(ratio)), dim=1)
+    ours = torch.stack(_simclr_boxes(_random(4).rand((n, SIMCLR_DRAWS)), height, width, scale, ratio), dim=1)
 
     def stats(boxes: torch.Tensor) -> torch.Tensor:
         i, j, h, w = boxes.double().unbind(1)
@@ -121,73 +168,74 @@ def test_box_distribution_matches_torchvision():
 
 def _jitter_factors(batch: int, seed: int):
     g = _gen(seed)
-    brightness = torch.empty(batch).uniform_(0.6, 1.4, generator=g)
-    contrast = torch.empty(batch).uniform_(0.6, 1.4, generator=g)
-    saturation = torch.empty(batch).uniform_(0.6, 1.4, generator=g)
-    hue = torch.empty(batch).uniform_(-0.1, 0.1, generator=g)
+    factors = torch.empty(batch, 4)
+    factors[:, :3].uniform_(0.6, 1.4, generator=g)
+    factors[:, 3].uniform_(-0.1, 0.1, generator=g)
     order = torch.stack([torch.randperm(4, generator=g) for _ in range(batch)])
-    return brightness, contrast, saturation, hue, order
+    return factors, order
 
 
 def test_color_jitter_matches_torchvision():
-    batch = 32
+    batch = 48
     x = torch.rand(batch, 3, 16, 12, generator=_gen(5))
     x[0] = 0.5  # grey image: hue undefined
     x[1, :, :4] = 1.0  # saturated pixels
-    brightness, contrast, saturation, hue, order = _jitter_factors(batch, 6)
-    brightness[2], hue[3] = 1.0, 0.0
-    out = _color_jitter(x, brightness, contrast, saturation, hue, order)
-    ops = [
-        lambda im, n: TF.adjust_brightness(im, float(brightness[n])),
-        lambda im, n: TF.adjust_contrast(im, float(contrast[n])),
-        lambda im, n: TF.adjust_saturation(im, float(saturation[n])),
-        lambda im, n: TF.adjust_hue(im, float(hue[n])),
-    ]
+    x[2, :, 2] = torch.tensor([0.3, 0.7, 0.7]).view(3, 1)  # ties for the maximum: G and B
+    x[3, :, 3] = torch.tensor([0.6, 0.6, 0.1]).view(3, 1)  # ties for the maximum: R and G
+    factors, order = _jitter_factors(batch, 6)
+    factors[4, 0], factors[5, 3] = 1.0, 0.0
+    out = color_jitter(x, factors, order)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for n in range(batch):
         ref = x[n]
         for op in order[n].tolist():
-            ref = ops[op](ref, n)
+            ref = ops[op](ref, float(factors[n, op]))
         torch.testing.assert_close(out[n], ref, atol=1e-5, rtol=0, msg=f"sample {n}, order {order[n]}")
+    # Several views per sample ([N, 3, V, H, W], factors [N, V, 4]) are the same images one by one.
+    views = color_jitter(x.view(4, 12, 3, 16, 12).transpose(1, 2), factors.view(4, 12, 4), order.view(4, 12, 4))
+    torch.testing.assert_close(views.transpose(1, 2).reshape(out.shape), out, atol=1e-6, rtol=0)
 
 
 def test_color_jitter_identity_is_exact():
     batch = 8
     x = torch.rand(batch, 3, 16, 16, generator=_gen(7))
-    *_, order = _jitter_factors(batch, 8)
-    ones, zeros = torch.ones(batch), torch.zeros(batch)
-    assert torch.equal(_color_jitter(x, ones, ones, ones, zeros, order), x)
+    _, order = _jitter_factors(batch, 8)
+    identity = torch.tensor([1.0, 1.0, 1.0, 0.0]).expand(batch, 4)
+    assert torch.equal(color_jitter(x, identity, order), x)
 
 
 def test_grayscale_matches_torchvision():
     x = torch.rand(6, 3, 8, 8, generator=_gen(9))
     apply = torch.tensor([True, False, True, False, False, True])
-    out = _random_grayscale(x, apply)
+    out = random_grayscale(x, apply)
     for n in range(6):
         ref = TF.rgb_to_grayscale(x[n], num_output_channels=3) if apply[n] else x[n]
         torch.testing.assert_close(out[n], ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(_grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
 
 
 # --- crop_flip_view -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("height", "width", "size", "padding"), [(32, 32, 32, 4), (36, 30, 28, 2)])
+@pytest.mark.parametrize(("height", "width", "size", "padding"), [(32, 32, 32, 4), (36, 30, 28, 2), (96, 96, 96, 12)])
 def test_crop_flip_view_matches_reference(height, width, size, padding):
+    """Exact pixels of torchvision's pad + crop + hflip, at the offsets its uniforms (left, top, flip) give."""
     batch = 16
     images = _images(batch, height, width, seed=10)
     out = crop_flip_view(images, _random(11), size=size, padding=padding)
-    top, left, flip = _crop_flip_params(batch, height, width, _random(11), size, padding, 0.5)
+    u = _random(11).rand((batch, 3)).double()
+    left = torch.floor(u[:, 0] * (width + 2 * padding - size + 1)).long()
+    top = torch.floor(u[:, 1] * (height + 2 * padding - size + 1)).long()
+    flip = u[:, 2] < 0.5
     assert out.shape == (batch, 3, size, size) and out.dtype == torch.float32
-    assert out.min() >= 0 and out.max() <= 1
     assert flip.any() and not flip.all()
-    assert (top >= 0).all() and (top <= height + 2 * padding - size).all()
-    assert (left >= 0).all() and (left <= width + 2 * padding - size).all()
+    assert (top < padding).any() and (left < padding).any()  # some crops reach into the padding
     for n in range(batch):
         padded = TF.pad(images[n], [padding], fill=0)
         ref = padded[:, top[n] : top[n] + size, left[n] : left[n] + size]
         if flip[n]:
             ref = TF.horizontal_flip(ref)
-        assert torch.equal(out[n], to_float(ref))
+        assert torch.equal(out[n], to_float(ref)), n
 
 
 # --- whole views --------------------------------------------------------------------------------------------
@@ -228,5 +276,5 @@ def test_views_are_deterministic_and_per_sample():
         flat = a.flatten(1)
         same = (flat[:, None] == flat[None]).all(-1)
         assert same.sum() < 16 + 8, view.__name__
-    boxes = torch.stack(_sample_boxes(16, 32, 32, _random(16)), dim=1)
+    boxes = torch.stack(_simclr_boxes(_random(16).rand((16, SIMCLR_DRAWS)), 32, 32), dim=1)
     assert len({tuple(b) for b in boxes.tolist()}) > 12

@@ -22,21 +22,32 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.integration
 def test_kmeans_bench_small(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "kmeans", "--rows", "3000", "--dim", "8",
-                          "--centres", "6", "--ks", "2", "6", "--iters", "5", "--procs", "1", "2",
-                          "--cache", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          "--centres", "20", "--ks", "2", "10", "--procs", "1", "2", "--cache", str(tmp_path),
+                          "--json", str(tmp_path / "kmeans.json")], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert report["bench"] == "kmeans" and report["rows"] == 3000 and report["ks"] == [2, 6]
-    assert set(report["runs"]) == {"ours-1p", "ours-2p", "sklearn"}
+    assert report == json.loads((tmp_path / "kmeans.json").read_text())
+    assert report["bench"] == "kmeans" and report["rows"] == 3000 and report["ks"] == [2, 10]
+    assert set(report["runs"]) == {"ours-1p", "ours-2p", "faiss", "faiss-sampled", "sklearn"}
     for run in report["runs"].values():
-        assert run["seconds"] > 0 and set(run["stats"]) == {"2", "6"}
+        assert run["seconds"] > 0 and set(run["stats"]) == {"2", "10"}
+        for k in ("2", "10"):
+            assert sum(run["stats"][k]["sizes"]) == 3000 and len(run["stats"][k]["sizes"]) == int(k)
     ours1, ours2 = (report["runs"][f"ours-{p}p"]["stats"] for p in (1, 2))
-    for k in ("2", "6"):  # the same clustering on 1 and 2 processes
+    for k in ("2", "10"):  # the same clustering on 1 and 2 processes
         assert ours1[k]["inertia"] == ours2[k]["inertia"] and ours1[k]["sizes"] == ours2[k]["sizes"]
-        assert sum(ours1[k]["sizes"]) == 3000
-    assert report["runs"]["sklearn"]["stats"]["6"]["inertia"] > 0
-    assert "| ours-2p |" in res.stdout
+    # faiss trains on every row (no subsampling) unless it is the labelled default, and ends near ours
+    faiss_run, sampled = report["runs"]["faiss"]["stats"], report["runs"]["faiss-sampled"]["stats"]
+    assert [faiss_run[k]["rows_trained"] for k in ("2", "10")] == [3000, 3000]
+    assert [sampled[k]["rows_trained"] for k in ("2", "10")] == [512, 2560]
+    for k in ("2", "10"):
+        assert ours1[k]["inertia"] == pytest.approx(faiss_run[k]["inertia"], rel=0.03)
+        relative = ours1[k]["inertia"] / faiss_run[k]["inertia"] - 1
+        assert report["ours_1p_vs_faiss"]["inertia"][k] == pytest.approx(relative)
+    assert report["ours_1p_vs_faiss"]["time_ratio"] > 0
+    assert report["runs"]["sklearn"]["stats"]["10"]["inertia"] > 0
+    assert "| ours-2p |" in res.stdout and "| inertia vs faiss |" in res.stdout
     assert len(list(tmp_path.glob("kmeans-3000x8-*.npy"))) == 1
 
 

@@ -7,7 +7,7 @@ from ranks import run_ranks
 from sklearn.metrics import adjusted_rand_score
 
 from advcl_dist.cluster import kmeans
-from advcl_dist.cluster.kmeans import assign, fit_kmeans, search_torch
+from advcl_dist.cluster.kmeans import _kmeans_plusplus, assign, fit_kmeans, near_tie_bound, search_torch
 from advcl_dist.distributed import distributed_session
 
 
@@ -49,7 +49,7 @@ def _fit_shards(world):
             x = make()
             lo, hi = _bounds(len(x), world)[info.rank:info.rank + 2]
             r = fit_kmeans(torch.from_numpy(x[lo:hi]), k, iters=10, seed=SEED, init=init)
-            out[case] = (r.centroids.numpy(), r.labels.numpy(), r.inertia, r.sizes, r.reseeded)
+            out[case] = (r.centroids.numpy(), r.labels.numpy(), r.inertia, r.sizes, r.reseeded, r.iterations)
     return out
 
 
@@ -64,12 +64,12 @@ def test_ranks_with_uneven_shards_equal_one_process(world):
             assert one.reseeded > 0, "the case should leave clusters empty"
         parts = [r[case] for r in ranks]
         assert [len(p[1]) for p in parts] == np.diff(_bounds(len(x), world)).tolist()
-        for centroids, *_ in parts:
-            np.testing.assert_allclose(centroids, one.centroids.numpy(), rtol=0, atol=1e-6, err_msg=case)
+        for centroids, *_ in parts:  # integer (fixed-point) sums: the same bits, whatever the split
+            np.testing.assert_array_equal(centroids, one.centroids.numpy(), err_msg=case)
         np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), one.labels.numpy(), err_msg=case)
-        for _, _, inertia, sizes, reseeded in parts:
+        for _, _, inertia, sizes, reseeded, iterations in parts:
             assert inertia == pytest.approx(one.inertia, rel=1e-9)
-            assert sizes == one.sizes and reseeded == one.reseeded
+            assert sizes == one.sizes and reseeded == one.reseeded and iterations == one.iterations
 
 
 def test_inertia_within_one_percent_of_faiss_on_separated_blobs():
@@ -163,3 +163,57 @@ def test_torch_search_matches_faiss():
     d_torch, l_torch = search_torch(torch.from_numpy(x), centroids, top=2, chunk=128)
     np.testing.assert_array_equal(l_torch.numpy(), l_faiss)
     np.testing.assert_allclose(d_torch.numpy(), d_faiss, rtol=1e-4, atol=1e-3)
+
+
+def test_a_converged_run_stops_early_with_the_result_of_every_iteration():
+    x, _ = blobs(n=1500, centres=6, spread=10.0, seed=8)
+    ours = fit_kmeans(x, 6, iters=40, init="random", seed=0)
+    assert ours.iterations < 40, "separated blobs should reach a fixed point well before 40 iterations"
+    start = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:6].numpy()]
+    reference = faiss.Kmeans(x.shape[1], 6, niter=40, max_points_per_centroid=len(x))  # all 40 iterations
+    reference.train(x, init_centroids=start)
+    np.testing.assert_allclose(ours.centroids.numpy(), reference.centroids, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(ours.labels.numpy(), reference.index.search(x, 1)[1][:, 0])
+    # The fixed-point sums give the float64 means of the rows, rounded once to float32.
+    means = np.stack([x[ours.labels.numpy() == j].astype(np.float64).mean(0) for j in range(6)])
+    np.testing.assert_array_max_ulp(ours.centroids.numpy(), means.astype(np.float32), maxulp=1)
+
+
+@pytest.mark.parametrize("dim", [16, 2048])
+def test_the_near_tie_bound_covers_the_float32_distance_error(dim):
+    """Each float32 distance is within half the gap bound of the float64 one (then no gap wider than the
+    bound can be misranked), for D where the 1e-4 floor applies and where the derived bound does."""
+    rng = np.random.default_rng(dim)
+    x, c = (rng.normal(size=(n, dim)).astype(np.float32) * s for n, s in ((3000, 3.0), (50, 1.0)))
+    d, idx = search_torch(torch.from_numpy(x), torch.from_numpy(c), top=2)
+    x64, c64 = x.astype(np.float64), c.astype(np.float64)
+    exact = ((x64[:, None] - c64[idx.numpy()]) ** 2).sum(-1)
+    scale = (x64 ** 2).sum(1, keepdims=True) + (c64 ** 2).sum(1).max()
+    assert (np.abs(d.numpy() - exact) / scale).max() <= near_tie_bound(dim) / 2
+
+
+def test_kmeans_plusplus_seeds_like_scikit_learn():
+    from sklearn.cluster import kmeans_plusplus
+
+    x, truth = blobs(n=2000, centres=8, spread=20.0, seed=5)
+    for seed in range(3):  # separated blobs: one seed in each
+        chosen = [np.flatnonzero((x == row).all(1))[0] for row in _kmeans_plusplus(torch.from_numpy(x), 8, seed)]
+        assert sorted(truth[chosen]) == list(range(8))
+    x, _ = blobs(n=3000, centres=30, spread=2.0, seed=11)  # overlapping: about scikit-learn's potential
+
+    def potential(c):
+        return ((x[:, None].astype(np.float64) - np.asarray(c, np.float64)[None]) ** 2).sum(-1).min(1).sum()
+
+    ratios = [potential(_kmeans_plusplus(torch.from_numpy(x), 20, seed).numpy())
+              / potential(kmeans_plusplus(x, 20, random_state=seed)[0]) for seed in range(8)]
+    assert 0.95 < np.mean(ratios) < 1.05
+
+
+def test_bench_inertia_is_the_float64_sum_over_nearest_centroids():
+    from advcl_dist.bench.kmeans import inertia
+
+    x, _ = blobs(n=800, centres=5, seed=9)
+    value, sizes = inertia(x, x[:5])
+    d = ((x[:, None].astype(np.float64) - x[None, :5].astype(np.float64)) ** 2).sum(-1)
+    assert value == pytest.approx(d.min(1).sum(), rel=1e-6)
+    assert sizes == np.bincount(d.argmin(1), minlength=5).tolist()

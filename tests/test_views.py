@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from advcl_dist.config import load_config
+from advcl_dist.data.augment import batch_views, crop_flip_view
+from advcl_dist.methods.advcl import advcl_views
+from advcl_dist.methods.simclr import simclr_views
+from advcl_dist.rng import StepRandom
 from advcl_dist.views import high_frequency, low_frequency
 
 
@@ -72,3 +78,47 @@ def test_bfloat16_under_autocast():
     assert high.dtype == torch.bfloat16
     _, high_ref = _reference(x.bfloat16().double().numpy(), 8.0)
     np.testing.assert_allclose(high.double().numpy(), high_ref, atol=2e-2)
+
+
+# --- all views of an AdvCL batch ----------------------------------------------------------------------------
+
+
+def _images(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_views_made_together_equal_the_views_made_one_by_one():
+    """advcl_views (one grid, one jitter pass) = crop_flip_view, simclr_views, high_frequency in turn on the
+    same generator, the sequence of the authors' step (bench/reference.py); batch_views likewise."""
+    images = _images(12, seed=17)
+    cfg = load_config(None, [])
+    together = advcl_views(images, StepRandom("cpu", 18).reseed(3), cfg.views, 8.0)
+    random = StepRandom("cpu", 18).reseed(3)
+    x = crop_flip_view(images, random, size=32, padding=4)
+    t1, t2 = simclr_views(images, random, cfg.views)
+    for ours, ref in zip(together, (x, t1, t2, high_frequency(x, 8.0))):
+        assert torch.equal(ours, ref)
+    assert not torch.equal(t1, t2)
+    views = batch_views(images, StepRandom("cpu", 19), simclr=3)
+    random = StepRandom("cpu", 19)
+    assert torch.equal(views[0], crop_flip_view(images, random))
+    assert all(torch.equal(a, b) for a, b in zip(views[1:], batch_views(images, random, crop=False, simclr=3)))
+
+
+def _operators(fn) -> int:
+    fn()  # the constants are made on the first call
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for event in prof.events() if event.name.startswith("aten::"))
+
+
+def test_all_views_of_a_batch_take_a_fixed_small_number_of_operators():
+    """Every view of an AdvCL batch in a number of dispatched operators (CPU profiler events, nested ones
+    included) that does not grow with the batch: no loop over samples, views or jitter orders."""
+    views_cfg = load_config(None, []).views
+    counts = {}
+    for batch in (32, 512):
+        images = _images(batch)
+        counts[batch] = _operators(lambda images=images: advcl_views(images, StepRandom("cpu", 20), views_cfg, 8.0))
+    assert counts[32] == counts[512] <= 400, counts
+    assert counts[32] > 100  # the profiler saw the views (the per-op version dispatched ~2,700)

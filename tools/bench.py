@@ -16,12 +16,21 @@
   finetune SLF / AFF step images/s on the shared training loop (Trainer.train_step), one process, from a tiny
            AdvCL encoder pretrained on the fly (cached under --cache); data loading not timed:
            python tools/bench.py finetune --modes slf aff --batch 128 --steps 20 --json finetune.json
+  views    the views of an AdvCL step alone (crop/flip, two SimCLR views, x_h): images/s and the operators
+           dispatched per batch (torch profiler), per batch size:
+           python tools/bench.py views --batch 32 512 --size 32 --json views.json
+  precision bf16 autocast vs fp32 for the attacks: the loss gain of δ and δ_ce on the same weights and batch,
+           and the RA under PGD-20 of one classifier:
+           python tools/bench.py precision --device cuda --json precision.json
+  scaling  the communication of data-parallel AdvCL training (gradient all-reduce, embedding all-gather)
+           measured on 1..N gloo processes against the model of docs/scaling.md:
+           python tools/bench.py scaling --procs 1 2 3 --json scaling.json
 """
 import argparse
 import os
 import sys
 
-from advcl_dist.bench import evaluation, finetuning, kmeans, loader, step
+from advcl_dist.bench import evaluation, finetuning, kmeans, loader, precision, scaling, step, views
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     km.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts to time ours with")
     km.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     km.add_argument("--no-sklearn", dest="sklearn", action="store_false", help="skip the scikit-learn run")
+    km.add_argument("--no-faiss", dest="faiss", action="store_false", help="skip the faiss.Kmeans run")
+    km.add_argument("--json", help="also write the JSON report to this file")
     km.add_argument("--cache", default=".cache/bench", help="where the generated data are kept")
     ld = sub.add_parser("loader", help="FFCV vs torchvision DataLoader images/s, views on the device included")
     ld.add_argument("--format", choices=loader.FORMATS, help="the path to time (default: both, and their ratio)")
@@ -97,6 +108,31 @@ def parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--cache", default=".cache/bench", help="where the pretrained encoder is kept")
     ft.add_argument("--json", help="also write the JSON report to this file")
+    vw = sub.add_parser("views", help="the views of an AdvCL step alone: images/s and operators per batch")
+    vw.add_argument("--batch", type=int, nargs="+", default=[32, 512], help="batch sizes to time")
+    vw.add_argument("--size", type=int, default=32, help="image and view side in pixels")
+    vw.add_argument("--steps", type=int, default=20, help="timed batches per batch size")
+    vw.add_argument("--warmup", type=int, default=3, help="untimed batches before them")
+    vw.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    vw.add_argument("--seed", type=int, default=0)
+    vw.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    vw.add_argument("--json", help="also write the JSON report to this file")
+    pr = sub.add_parser("precision", help="bf16 autocast vs fp32 for the attacks (loss gains, PGD-20 RA)")
+    pr.add_argument("--width", type=int, default=16, help="first-stage channels of the CIFAR ResNet-18")
+    pr.add_argument("--size", type=int, default=32, help="image side in pixels")
+    pr.add_argument("--batch", type=int, default=256, help="images of the batch the attacks are compared on")
+    pr.add_argument("--train-steps", type=int, default=100, help="steps training the classifier attacked")
+    pr.add_argument("--images", type=int, default=1000, help="test images of the PGD-20 RA comparison")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    pr.add_argument("--cache", default=".cache/bench", help="where the trained models are kept")
+    pr.add_argument("--json", help="also write the JSON report to this file")
+    sc = sub.add_parser("scaling", help="data-parallel communication on 1..N gloo processes vs the scaling model")
+    sc.add_argument("--procs", type=int, nargs="+", default=[1, 2, 3], help="process counts (gloo ranks)")
+    sc.add_argument("--width", type=int, default=64, help="first-stage channels of the CIFAR ResNet-18")
+    sc.add_argument("--batch", type=int, default=512, help="global batch of the embedding all-gather")
+    sc.add_argument("--repeats", type=int, default=10, help="timed repetitions of each collective")
+    sc.add_argument("--json", help="also write the JSON report to this file")
     return p
 
 
@@ -107,5 +143,6 @@ def _batch(value: str):
 if __name__ == "__main__":
     args = parser().parse_args()
     mains = {"kmeans": kmeans.main, "loader": loader.main, "step": step.main, "eval": evaluation.eval_main,
-             "finetune": finetuning.finetune_main}
+             "finetune": finetuning.finetune_main, "views": views.main, "precision": precision.main,
+             "scaling": scaling.main}
     sys.exit(mains[args.bench](args) and 0)

@@ -30,7 +30,7 @@ CLUSTERS = "clusters.json"
 def ensemble_kmeans(x: torch.Tensor, ks, iters: int, seed: int, init: str = "kmeans++",
                     init_sample_per_k: int = 256, log=None) -> tuple[torch.Tensor, dict, dict]:
     """k-means for every K on this rank's rows: labels [n_local, len(ks)] int32, centroids {K: [K, D]},
-    stats {"K": {inertia, sizes, reseeded, seconds}} (global, the same on every rank)."""
+    stats {"K": {inertia, sizes, reseeded, iterations, seconds}} (global, the same on every rank)."""
     labels = torch.empty(x.shape[0], len(ks), dtype=torch.int32, device=x.device)
     centroids, stats = {}, {}
     for col, k in enumerate(ks):
@@ -40,10 +40,10 @@ def ensemble_kmeans(x: torch.Tensor, ks, iters: int, seed: int, init: str = "kme
         centroids[k] = r.centroids.cpu().numpy()
         fault_point("cluster.between_k")
         stats[str(k)] = {"inertia": r.inertia, "sizes": r.sizes, "reseeded": r.reseeded,
-                         "seconds": round(time.perf_counter() - start, 3)}
+                         "iterations": r.iterations, "seconds": round(time.perf_counter() - start, 3)}
         if log:
             log(f"K={k}: inertia {r.inertia:.6g}, sizes {min(r.sizes)}–{max(r.sizes)}, "
-                f"{r.reseeded} empty re-seeded, {stats[str(k)]['seconds']:.1f} s")
+                f"{r.reseeded} empty re-seeded, {r.iterations} iterations, {stats[str(k)]['seconds']:.1f} s")
     return labels, centroids, stats
 
 

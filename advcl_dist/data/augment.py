@@ -1,27 +1,41 @@
 """Batched, per-sample random augmentations on the device, with torchvision's semantics.
 
 Each sample draws its own parameters from a `rng.StepRandom` on the batch's device (which makes them
-independent of the number of ranks), so views are reproducible
-and resumable, and nothing here syncs with the host (no `.item()`, no boolean indexing).
-Own implementation rather than kornia 0.9: on CPU (B=256, 32x32, 1 thread) kornia's equivalent pipeline
-was no faster (~39 ms vs ~39 ms here) and draws one jitter order per batch, not torchvision's per sample.
+independent of the number of ranks), so views are reproducible and resumable, and nothing here syncs
+with the host (no `.item()`, no boolean indexing). A call draws one row of uniforms per sample: 3 for
+the crop + flip view, then 33 per SimCLR view.
+
+`batch_views` makes several views of a batch in a number of kernels that depends neither on the batch
+size nor on the number of views: one sampling grid holds every crop, resize and flip of every view (the
+positions torch's bilinear interpolation reads in each box), read by grid_sample, bilinear for the
+RandomResizedCrop views and nearest for the crop view, whose positions are whole pixels (exact copies,
+zeros outside the image: the padding). The colour ops then run once over all the SimCLR views
+(augment_colour.py). Constants live in cached tensors: on CPU a Python number in a tensor op costs a
+conversion per call. Own implementation rather than kornia 0.9, which draws one jitter order per batch,
+not torchvision's one per sample.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+from advcl_dist.data.augment_colour import color_jitter, random_grayscale
 from advcl_dist.rng import StepRandom, uniform
 
 RandomSource = StepRandom
 
-__all__ = ["crop_flip_view", "simclr_view", "to_float"]
+__all__ = ["batch_views", "crop_flip_view", "simclr_view", "to_float"]
 
-_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+TRIES = 10  # RandomResizedCrop's attempts before its central fallback
+# Columns of a SimCLR view's uniforms: TRIES scales, TRIES log-ratios, then left, top, flip (the crop view's
+# 3), then these.
+_APPLY, _FACTORS, _ORDER, _GRAY = 2 * TRIES + 3, 2 * TRIES + 4, 2 * TRIES + 8, 2 * TRIES + 12
+SIMCLR_DRAWS = 2 * TRIES + 13
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -31,196 +45,140 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32)
 
 
-def _uniform(generator: RandomSource, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
-    return uniform(generator, shape) * (high - low) + low
-
-
-def _randint_below(generator: RandomSource, high: torch.Tensor) -> torch.Tensor:
-    """Uniform integers in [0, high) with a per-element bound (clamped: float rounding can reach `high`)."""
-    return torch.minimum(torch.floor(uniform(generator, tuple(high.shape)) * high).long(), high - 1)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# RandomResizedCrop + horizontal flip
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _sample_boxes(
-    batch: int,
-    height: int,
-    width: int,
-    generator: RandomSource,
-    scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    tries: int = 10,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torchvision RandomResizedCrop.get_params for a whole batch: all tries drawn at once, first valid wins.
-
-    Returns int64 (top, left, box_h, box_w), each [batch].
-    """
-    area = height * width
-    target = area * _uniform(generator, (batch, tries), scale[0], scale[1])
-    aspect = torch.exp(_uniform(generator, (batch, tries), math.log(ratio[0]), math.log(ratio[1])))
-    w = torch.round(torch.sqrt(target * aspect)).long()
-    h = torch.round(torch.sqrt(target / aspect)).long()
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax returns the first maximum
-    found = valid.any(dim=1)
-    w = w.gather(1, first).squeeze(1)
-    h = h.gather(1, first).squeeze(1)
-
-    # Fallback: central crop clamped to the ratio range (plain Python ints, as in torchvision).
+def _fallback(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """RandomResizedCrop's central box (h, w) when no try fits: the image clamped to the ratio range."""
     in_ratio = width / height
     if in_ratio < min(ratio):
-        fb_w, fb_h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fb_w, fb_h = int(round(height * max(ratio))), height
+        return int(round(width / min(ratio))), width
+    if in_ratio > max(ratio):
+        return height, int(round(height * max(ratio)))
+    return height, width
+
+
+@functools.lru_cache(maxsize=32)
+def _constants(device, height, width, size, pad, crop, simclr, scale, ratio, flip_p, jitter, jitter_p,
+               gray_p) -> SimpleNamespace:
+    """The tensors batch_views needs for one configuration; pairs are (x, y), rows [views, 2] one per view."""
+    def t(value, dtype=torch.float32):
+        return torch.tensor(value, device=device, dtype=dtype)
+
+    fb_h, fb_w = _fallback(height, width, ratio)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    centres = torch.arange(size, device=device, dtype=torch.float32).view(size, 1) + 0.5
+    return SimpleNamespace(
+        zero=t(0.0), one=t(1.0), minus_half=t(-0.5), size=t(float(size)), flip_p=t(flip_p),
+        area_lo=t(height * width * scale[0]), area_span=t(height * width * (scale[1] - scale[0])),
+        log_lo=t(log_lo), log_span=t(log_hi - log_lo), wh_max=t([[width], [height]]), fallback_wh=t([fb_w, fb_h]),
+        # a fallback box starts at the centre: the uniforms that floor to it, and to keep the flip's
+        central=t([((width - fb_w) // 2 + 0.5) / (width + 1 - fb_w), ((height - fb_h) // 2 + 0.5) / (height + 1 - fb_h),
+                   0.0]),
+        flip_column=t([False, False, True], torch.bool), crop_side=t([[[size, size]]]),
+        # where a box may start: the crop view's in the zero-padded image, RandomResizedCrop's in the image
+        extent=t([[width + 2 * pad + 1, height + 2 * pad + 1]] * crop + [[width + 1, height + 1]] * simclr),
+        offset=t([[-pad, -pad]] * crop + [[0, 0]] * simclr),
+        x_axis=t([True, False], torch.bool), x_only=t([1.0, 0.0]), y_only=t([0.0, 1.0]),
+        centres=centres, flipped=size - centres,
+        # grid_sample's coordinate (align_corners=False) of pixel position p on an axis of n pixels: (2p + 1)/n − 1
+        grid_scale=t([2 / width, 2 / height]), grid_offset=t([1 / width - 1, 1 / height - 1]),
+        jitter_p=t(jitter_p), gray_p=t(gray_p),
+        # ColorJitter's factor ranges (brightness, contrast, saturation, hue) and the factors of "no jitter"
+        jitter_low=t([max(0.0, 1.0 - j) for j in jitter[:3]] + [-jitter[3]]),
+        jitter_span=t([1.0 + j - max(0.0, 1.0 - j) for j in jitter[:3]] + [2 * jitter[3]]),
+        no_jitter=t([1.0, 1.0, 1.0, 0.0]),
+    )
+
+
+def _resized_crop_boxes(u: torch.Tensor, k: SimpleNamespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """RandomResizedCrop's box side (w, h) [..., 2] from the uniforms u [..., 2·tries + 3] of its tries and
+    of (left, top, flip): all tries at once, the first that fits wins; where none fits, the central fallback
+    box, whose start uniforms are replaced by ones that floor to the centre. Returns (w, h) and the uniforms."""
+    tries = (u.shape[-1] - 3) // 2
+    target = torch.addcmul(k.area_lo, u[..., :tries], k.area_span)
+    aspect = torch.exp(torch.addcmul(k.log_lo, u[..., tries : 2 * tries], k.log_span))
+    wh = torch.stack((target * aspect, target / aspect), dim=-2).sqrt().round()  # [..., 2, tries]
+    fits = (wh == wh.clamp(k.one, k.wh_max)).min(dim=-2, keepdim=True)[0]
+    found, first = fits.max(dim=-1, keepdim=True)  # the index of the first maximum: the first try that fits
+    lead = first.shape[:-2]
+    chosen = wh.gather(-1, first.expand(*lead, 2, 1)).view(*lead, 2)
+    found = found.view(*lead, 1)
+    return torch.where(found, chosen, k.fallback_wh), torch.where(found | k.flip_column, u[..., -3:], k.central)
+
+
+def _boxes(crop_unif: torch.Tensor | None, u: torch.Tensor | None, k: SimpleNamespace):
+    """Each view's box from its uniforms, the crop view's [B, 1, 3] and the SimCLR views' [B, V, draws]
+    (either may be None): start (x, y) [B, V, 2] (the crop view's may be negative: zero padding), side
+    (w, h) [B, V, 2] and hflip [B, V]."""
+    if u is not None:
+        wh, box_unif = _resized_crop_boxes(u[..., : 2 * TRIES + 3], k)
+    if crop_unif is None:
+        unif, length = box_unif, wh
     else:
-        fb_w, fb_h = width, height
-    h = torch.where(found, h, fb_h)
-    w = torch.where(found, w, fb_w)
-    top = torch.where(found, _randint_below(generator, height - h + 1), (height - fb_h) // 2)
-    left = torch.where(found, _randint_below(generator, width - w + 1), (width - fb_w) // 2)
-    return top, left, h, w
+        unif, length = crop_unif, k.crop_side.expand(crop_unif.shape[0], 1, 2)
+        if u is not None:
+            unif, length = torch.cat((unif, box_unif), dim=1), torch.cat((length, wh), dim=1)
+    room = k.extent - length  # how many positions each box can start at
+    start = torch.floor(unif[..., :2] * room).clamp(max=room - k.one) + k.offset
+    return start, length, unif[..., 2] < k.flip_p
 
 
-def _source_coords(start: torch.Tensor, length: torch.Tensor, size: int) -> torch.Tensor:
-    """Pixel coordinates [B, size] that interpolate(bilinear, align_corners=False) reads inside each box."""
-    out = torch.arange(size, device=start.device, dtype=torch.float32)
-    length = length.to(torch.float32)[:, None]
-    src = (out + 0.5) * (length / size) - 0.5
-    return torch.minimum(src.clamp(min=0.0), length - 1) + start.to(torch.float32)[:, None]
+def _grid(start: torch.Tensor, length: torch.Tensor, flip: torch.Tensor, k: SimpleNamespace) -> torch.Tensor:
+    """grid_sample's grid [B, V·S, S, 2] reading, for each view of each sample, its box (start, length
+    [B, V, 2] as (x, y)) resized to S x S the way torch's bilinear interpolation (align_corners=False) reads
+    the cropped box, columns reversed where `flip` [B, V]. A box of side S reads whole pixel positions."""
+    batch, views = flip.shape
+    size = k.centres.shape[0]
+    centres = torch.where(flip.view(batch, views, 1, 1) & k.x_axis, k.flipped, k.centres)  # [B, V, S, 2]
+    src = torch.addcmul(k.minus_half, centres, (length / k.size).view(batch, views, 1, 2))
+    src = src.clamp(k.zero, (length - k.one).view(batch, views, 1, 2))
+    xy = torch.addcmul(k.grid_offset, src + start.view(batch, views, 1, 2), k.grid_scale)
+    # grid[b, v, i, j] = (x_j, y_i)
+    grid = torch.addcmul((xy * k.y_only).view(batch, views, size, 1, 2), xy.view(batch, views, 1, size, 2), k.x_only)
+    return grid.view(batch, views * size, size, 2)
 
 
-def _resized_crop(
-    x: torch.Tensor,
-    top: torch.Tensor,
-    left: torch.Tensor,
-    box_h: torch.Tensor,
-    box_w: torch.Tensor,
-    flip: torch.Tensor,
-    size: int,
-) -> torch.Tensor:
-    """Per-sample crop (top, left, box_h, box_w) resized bilinearly to size x size, then optional hflip.
+def batch_views(
+    images: torch.Tensor,
+    generator: RandomSource,
+    size: int = 32,
+    padding: int = 4,
+    crop: bool = True,
+    simclr: int = 2,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+    jitter_p: float = 0.8,
+    gray_p: float = 0.2,
+    flip_p: float = 0.5,
+) -> list[torch.Tensor]:
+    """The crop + flip view (if `crop`), then `simclr` SimCLR views of a batch; float32 [B, 3, S, S] each.
 
-    Equal to torchvision resized_crop(antialias=False) (+ hflip) per sample, done with one grid_sample.
+    Crop + flip: RandomCrop(size, padding, zero fill) + hflip. SimCLR: RandomResizedCrop(size, scale, ratio),
+    hflip, ColorJitter (p=jitter_p), RandomGrayscale (p=gray_p). Draws [B, 3] uniforms for the crop view,
+    then [B, simclr, 33] for the SimCLR views.
     """
-    batch, _, height, width = x.shape
-    ys = _source_coords(top, box_h, size)
-    xs = _source_coords(left, box_w, size)
-    xs = torch.where(flip[:, None], xs.flip(-1), xs)
-    # align_corners=True maps -1 / +1 to the centres of the first / last pixel.
-    gy = ys * (2.0 / max(height - 1, 1)) - 1.0
-    gx = xs * (2.0 / max(width - 1, 1)) - 1.0
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=True)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# ColorJitter + RandomGrayscale
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _grayscale(x: torch.Tensor) -> torch.Tensor:
-    """Luma [B, 1, H, W] with torchvision's weights."""
-    r, g, b = x.unbind(dim=1)
-    return (r * _GRAY_WEIGHTS[0] + g * _GRAY_WEIGHTS[1] + b * _GRAY_WEIGHTS[2]).unsqueeze(1)
-
-
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = factor.view(-1, 1, 1, 1)
-    return (x * f + other * (1.0 - f)).clamp(0.0, 1.0)
-
-
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(dim=1)
-    maxc = x.amax(dim=1)
-    minc = x.amin(dim=1)
-    delta = maxc - minc
-    gray = delta == 0
-    ones = torch.ones_like(maxc)
-    # Grey pixels would divide by zero; their hue and saturation are 0 whatever the divisor is.
-    sat = delta / torch.where(gray, ones, maxc)
-    div = torch.where(gray, ones, delta)
-    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
-    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.fmod(hue / 6.0 + 1.0, 1.0)
-    return torch.stack((hue, sat, maxc), dim=1)
-
-
-@functools.lru_cache(maxsize=8)
-def _sector_table(device: torch.device) -> torch.Tensor:
-    """Which of (v, p, q, t) is R, G, B in each of the 6 hue sectors; built once per device."""
-    return torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=device)
-
-
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    hue, sat, val = x.unbind(dim=1)
-    sector = torch.floor(hue * 6.0)
-    frac = hue * 6.0 - sector
-    p = (val * (1.0 - sat)).clamp(0.0, 1.0)
-    q = (val * (1.0 - sat * frac)).clamp(0.0, 1.0)
-    t = (val * (1.0 - sat * (1.0 - frac))).clamp(0.0, 1.0)
-    select = _sector_table(x.device)[:, sector.long() % 6].transpose(0, 1)
-    return torch.stack((val, p, q, t), dim=1).gather(1, select)
-
-
-def _adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
-    hsv = _rgb_to_hsv(x)
-    shifted = torch.remainder(hsv[:, :1] + hue.view(-1, 1, 1, 1), 1.0)
-    out = _hsv_to_rgb(torch.cat((shifted, hsv[:, 1:]), dim=1))
-    # The HSV round trip is not bit-exact, so a zero shift must return the input untouched.
-    return torch.where(hue.view(-1, 1, 1, 1) == 0, x, out)
-
-
-def _cheap_ops(
-    x: torch.Tensor,
-    op: torch.Tensor,
-    brightness: torch.Tensor,
-    contrast: torch.Tensor,
-    saturation: torch.Tensor,
-) -> torch.Tensor:
-    """Apply op[n] (0 brightness, 1 contrast, 2 saturation, anything else nothing) to each sample.
-
-    All three run on every sample; the ones not picked get factor 1, which is an exact identity.
-    """
-    one = torch.ones_like(brightness)
-    b = torch.where(op == 0, brightness, one).view(-1, 1, 1, 1)
-    x = (x * b).clamp(0.0, 1.0)
-    x = _blend(x, _grayscale(x).mean(dim=(1, 2, 3), keepdim=True), torch.where(op == 1, contrast, one))
-    return _blend(x, _grayscale(x), torch.where(op == 2, saturation, one))
-
-
-def _color_jitter(
-    x: torch.Tensor,
-    brightness: torch.Tensor,
-    contrast: torch.Tensor,
-    saturation: torch.Tensor,
-    hue: torch.Tensor,
-    order: torch.Tensor,
-) -> torch.Tensor:
-    """torchvision ColorJitter with per-sample factors [B] and op order [B, 4] (0 b, 1 c, 2 s, 3 h).
-
-    The HSV round trip dominates the cost, so it runs once: first the ops each sample has before its
-    hue step, then hue, then the ops after it (3 cheap passes each side).
-    """
-    hue_pos = (order == 3).to(torch.uint8).argmax(dim=1)
-    skip = torch.full_like(order[:, 0], 3)
-    for pos in range(3):
-        x = _cheap_ops(x, torch.where(hue_pos > pos, order[:, pos], skip), brightness, contrast, saturation)
-    x = _adjust_hue(x, hue)
-    for pos in range(1, 4):
-        x = _cheap_ops(x, torch.where(hue_pos < pos, order[:, pos], skip), brightness, contrast, saturation)
-    return x
-
-
-def _random_grayscale(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    return torch.where(apply.view(-1, 1, 1, 1), _grayscale(x).expand_as(x), x)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Views
-# ---------------------------------------------------------------------------------------------------------
+    x = to_float(images)
+    batch, channels, height, width = x.shape
+    pad = padding if crop else 0
+    k = _constants(x.device, height, width, size, pad, int(crop), simclr, tuple(scale), tuple(ratio), float(flip_p),
+                   tuple(float(j) for j in jitter), float(jitter_p), float(gray_p))
+    crop_unif = uniform(generator, (batch, 3)).view(batch, 1, 3) if crop else None
+    u = uniform(generator, (batch, simclr * SIMCLR_DRAWS)).view(batch, simclr, SIMCLR_DRAWS) if simclr else None
+    grid = _grid(*_boxes(crop_unif, u, k), k)
+    if grid.dtype != x.dtype:
+        grid = grid.to(x.dtype)
+    out = []
+    if crop:  # nearest pixels of whole positions: exact copies, and zeros outside the image (the padding)
+        out.append(F.grid_sample(x, grid[:, :size], mode="nearest", padding_mode="zeros", align_corners=False))
+    if not simclr:
+        return out
+    sims = F.grid_sample(x, grid[:, size * crop :], mode="bilinear", padding_mode="border", align_corners=False)
+    # Bilinear weights can overshoot 1 by an ulp; clamp so un-jittered samples stay in [0, 1] too.
+    sims = sims.view(batch, channels, simclr, size, size).clamp(0.0, 1.0)  # [B, C, V, S, S]
+    factors = torch.addcmul(k.jitter_low, u[..., _FACTORS : _FACTORS + 4], k.jitter_span)
+    factors = torch.where(u[..., _APPLY : _APPLY + 1] < k.jitter_p, factors, k.no_jitter)
+    order = u[..., _ORDER : _ORDER + 4].sort(dim=-1)[1]
+    sims = random_grayscale(color_jitter(sims, factors, order), u[..., _GRAY] < k.gray_p)
+    return out + list(sims.unbind(2))
 
 
 def simclr_view(
@@ -235,40 +193,8 @@ def simclr_view(
     flip_p: float = 0.5,
 ) -> torch.Tensor:
     """SimCLR view: RandomResizedCrop, hflip, ColorJitter (p=jitter_p), RandomGrayscale; float32 [B,3,S,S]."""
-    x = to_float(images)
-    batch, _, height, width = x.shape
-    top, left, box_h, box_w = _sample_boxes(batch, height, width, generator, scale, ratio)
-    flip = uniform(generator, (batch,)) < flip_p
-    # Bilinear weights can overshoot 1 by an ulp; clamp so un-jittered samples stay in [0, 1] too.
-    x = _resized_crop(x, top, left, box_h, box_w, flip, size).clamp(0.0, 1.0)
-
-    apply = uniform(generator, (batch,)) < jitter_p
-    factors = [_uniform(generator, (batch,), max(0.0, 1.0 - j), 1.0 + j) for j in jitter[:3]]
-    hue = _uniform(generator, (batch,), -jitter[3], jitter[3])
-    order = uniform(generator, (batch, 4)).argsort(dim=1)
-    brightness, contrast, saturation = (torch.where(apply, f, torch.ones_like(f)) for f in factors)
-    hue = torch.where(apply, hue, torch.zeros_like(hue))
-    x = _color_jitter(x, brightness, contrast, saturation, hue, order)
-
-    gray = uniform(generator, (batch,)) < gray_p
-    return _random_grayscale(x, gray)
-
-
-def _crop_flip_params(
-    batch: int,
-    height: int,
-    width: int,
-    generator: RandomSource,
-    size: int = 32,
-    padding: int = 4,
-    flip_p: float = 0.5,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample (top, left) offsets into the padded image and hflip flags, as RandomCrop draws them."""
-    device = generator.device
-    top = _randint_below(generator, torch.full((batch,), height + 2 * padding - size + 1, device=device))
-    left = _randint_below(generator, torch.full((batch,), width + 2 * padding - size + 1, device=device))
-    flip = uniform(generator, (batch,)) < flip_p
-    return top, left, flip
+    return batch_views(images, generator, size, crop=False, simclr=1, scale=scale, ratio=ratio, jitter=jitter,
+                       jitter_p=jitter_p, gray_p=gray_p, flip_p=flip_p)[0]
 
 
 def crop_flip_view(
@@ -278,14 +204,5 @@ def crop_flip_view(
     padding: int = 4,
     flip_p: float = 0.5,
 ) -> torch.Tensor:
-    """RandomCrop(size, padding, zero fill) + hflip by exact pixel copies; float32 [B, 3, S, S]."""
-    batch, channels, height, width = images.shape
-    top, left, flip = _crop_flip_params(batch, height, width, generator, size, padding, flip_p)
-    padded = F.pad(images, (padding, padding, padding, padding))
-    offs = torch.arange(size, device=images.device)
-    rows = top[:, None] + offs
-    cols = left[:, None] + offs
-    cols = torch.where(flip[:, None], cols.flip(-1), cols)
-    b_idx = torch.arange(batch, device=images.device).view(-1, 1, 1, 1)
-    c_idx = torch.arange(channels, device=images.device).view(1, -1, 1, 1)
-    return to_float(padded[b_idx, c_idx, rows[:, None, :, None], cols[:, None, None, :]])
+    """RandomCrop(size, padding, zero fill) + hflip, exact pixel copies; float32 [B, 3, S, S]."""
+    return batch_views(images, generator, size, padding, crop=True, simclr=0, flip_p=flip_p)[0]

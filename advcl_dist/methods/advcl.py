@@ -17,13 +17,21 @@ from torch.profiler import record_function
 
 from ..attacks import PGDResult, pgd, ramp
 from ..config import ConfigError
-from ..data.augment import crop_flip_view
+from ..data.augment import batch_views
 from ..engine.objective import DataFacts
 from ..losses import pseudo_label_ce
 from ..models import views_plan
 from ..views import high_frequency
 from .base import Method, StepContext, StepOutput, register, split_views
-from .simclr import simclr_views
+from .simclr import view_settings
+
+
+def advcl_views(images: torch.Tensor, generator, views_cfg, hf_radius: float) -> tuple[torch.Tensor, ...]:
+    """All views of an AdvCL batch, (x, t1, t2, x_h): the crop + flip view x, two SimCLR views and the high
+    frequencies of x. The same as crop_flip_view, simclr_views and high_frequency one after the other (the
+    authors' order, which bench/reference.py keeps), in a number of kernels that does not grow with the batch."""
+    x, t1, t2 = batch_views(images, generator, crop=True, simclr=2, **view_settings(views_cfg))
+    return x, t1, t2, high_frequency(x, hf_radius)
 
 
 @dataclass
@@ -131,9 +139,7 @@ class AdvCL(Method):
         model, images, generator = ctx.model, ctx.images, ctx.random
         v, b = self.cfg.views, images.shape[0]
         with record_function("advcl/views"):
-            x = crop_flip_view(images, generator, size=v.size, padding=v.padding)
-            t1, t2 = simclr_views(images, generator, v)
-            x_h = high_frequency(x, self.settings.hf_radius)
+            x, t1, t2, x_h = advcl_views(images, generator, v, self.settings.hf_radius)
         pseudo = self.pseudo_labels[ctx.indices] if self.pseudo_labels is not None else None
         with record_function("advcl/attacks"):
             share = ramp(ctx.step, ctx.steps_per_epoch, self.cfg.attack.eps_ramp_epochs)

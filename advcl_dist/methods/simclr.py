@@ -3,18 +3,23 @@ from __future__ import annotations
 
 import torch
 
-from ..data.augment import simclr_view
+from ..data.augment import batch_views
 from ..models import views_plan
 from ..rng import StepRandom
 from .base import Method, StepContext, StepOutput, register, split_views
 
 
-def simclr_views(images: torch.Tensor, generator: StepRandom, views_cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """t1(x), t2(x): two independent SimCLR augmentations of the batch, made on its device."""
+def view_settings(views_cfg) -> dict:
+    """The `views` config section as keyword arguments of data.augment.batch_views."""
     v = views_cfg
-    kwargs = dict(size=v.size, scale=(v.crop_scale_min, 1.0), jitter=(v.brightness, v.contrast, v.saturation, v.hue),
-                  jitter_p=v.jitter_p, gray_p=v.gray_p)
-    return simclr_view(images, generator, **kwargs), simclr_view(images, generator, **kwargs)
+    return dict(size=v.size, padding=v.padding, scale=(v.crop_scale_min, 1.0),
+                jitter=(v.brightness, v.contrast, v.saturation, v.hue), jitter_p=v.jitter_p, gray_p=v.gray_p)
+
+
+def simclr_views(images: torch.Tensor, generator: StepRandom, views_cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """t1(x), t2(x): two independent SimCLR augmentations of the batch, drawn and made together on its device."""
+    t1, t2 = batch_views(images, generator, crop=False, simclr=2, **view_settings(views_cfg))
+    return t1, t2
 
 
 @register("simclr")
