@@ -21,6 +21,7 @@ setup(
         "submitit>=1.5",
         "pyautoattack>=0.2",
         "scikit-learn>=1.3",
+        "scipy>=1.10",  # non-negative least squares of the scaling bench (also a scikit-learn dependency)
         "matplotlib>=3.7",
         "safetensors>=0.4",
     ],
