@@ -180,10 +180,11 @@ def with_overrides(cfg: Config, values: dict[str, object], source: str = "overri
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return _apply_overrides(_merge(OmegaConf.structured(cfg), nested, source), ())
+    return _apply_overrides(_merge(OmegaConf.structured(cfg), nested, source), (), given=list(values))
 
 
-def _apply_overrides(node, overrides) -> Config:
+def _apply_overrides(node, overrides, given=()) -> Config:
+    """`given`: keys set by the caller beside `overrides` (checked like override keys)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=10)")
@@ -192,9 +193,10 @@ def _apply_overrides(node, overrides) -> Config:
         result = OmegaConf.to_object(node)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config key '{e.full_key}': {_first_line(e.msg)}; {TYPE_FIX}") from None
-    from .config_checks import validate
+    from .config_checks import check_given_options, validate
 
     validate(result)
+    check_given_options(result, [*given, *(item.partition("=")[0].strip() for item in overrides)])
     return result
 
 

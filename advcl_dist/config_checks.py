@@ -42,8 +42,9 @@ def validate(cfg: Config) -> None:
     from .config import METHOD_SETTINGS
     from .data import DATASETS
     from .data.datasets import SPLITS
-    from .methods import METHODS
+    from .methods import METHODS, VARIANTS
     from .models import BACKBONES, BRANCHES
+    from .models.resnet import INITS
 
     need = _need
     for key, value in _floats(cfg):
@@ -53,6 +54,10 @@ def validate(cfg: Config) -> None:
                               cfg.eval)
     need(d.name in DATASETS, "data.name", f"{d.name!r} is not one of {list(DATASETS)}")
     need(d.split in SPLITS[d.name], "data.split", f"{d.split!r} is not a split of {d.name}: {list(SPLITS[d.name])}")
+    if t.method in VARIANTS:
+        options = " ".join(f"{k}={v}" for k, v in VARIANTS[t.method].items())
+        need(False, "train.method", f"{t.method!r} is a variant, not a method: run it as {options}, or list it in "
+             "pipeline.baselines")
     need(t.method in METHODS, "train.method", f"{t.method!r} is not one of {sorted(METHODS)}")
     need(cfg.model.arch in BACKBONES, "model.arch", f"{cfg.model.arch!r} is not one of {sorted(BACKBONES)}")
     need(t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
@@ -100,6 +105,9 @@ def validate(cfg: Config) -> None:
     need(len(set(p.ks)) == len(p.ks), "pseudo.ks", "lists a K twice")
     need(p.init in KMEANS_INITS, "pseudo.init", f"{p.init!r} is not one of {list(KMEANS_INITS)}")
     need(p.pca is None or p.pca > 0, "pseudo.pca", "must be > 0 (or null for no PCA)")
+    need(p.fpre_size is None or p.fpre_size > 0, "pseudo.fpre_size",
+         "must be > 0, the side f_pre's images are resized to (e.g. 224 for an ImageNet ResNet-50), or null")
+    need(cfg.model.init in INITS, "model.init", f"{cfg.model.init!r} is not one of {list(INITS)}")
     need(f.mode in FINETUNE_MODES, "finetune.mode", f"{f.mode!r} is not one of {list(FINETUNE_MODES)}")
     need(f.dataset is None or f.dataset in DATASETS, "finetune.dataset",
          f"{f.dataset!r} is not one of {list(DATASETS)}")
@@ -115,12 +123,43 @@ def validate(cfg: Config) -> None:
     need(cfg.pipeline.tsne_n == 0 or cfg.pipeline.tsne_n >= 5, "pipeline.tsne_n", "must be >= 5 (or 0: no t-SNE)")
     for mode in cfg.pipeline.finetune:
         need(mode in FINETUNE_MODES, "pipeline.finetune", f"{mode!r} is not one of {list(FINETUNE_MODES)}")
-    for name in [*cfg.pipeline.baselines, cfg.pipeline.fpre_method]:
-        need(name in METHODS, "pipeline.baselines" if name != cfg.pipeline.fpre_method else "pipeline.fpre_method",
-             f"{name!r} is not a registered method ({sorted(METHODS)})")
+    need(cfg.pipeline.fpre_method in METHODS, "pipeline.fpre_method",
+         f"{cfg.pipeline.fpre_method!r} is not a registered method ({sorted(METHODS)})")
+    for name in cfg.pipeline.baselines:
+        need(name in METHODS or name in VARIANTS, "pipeline.baselines",
+             f"{name!r} is not a registered method ({sorted(METHODS)}) or variant ({sorted(VARIANTS)})")
     for stage in ("pretrain", "cluster", "finetune", "evaluate"):
         nodes = getattr(cfg.launch, f"{stage}_nodes")
         need(nodes is None or nodes > 0, f"launch.{stage}_nodes", "must be > 0 (or null for --nodes)")
     if p.labels is not None:
         need(Path(p.labels).is_file(), "pseudo.labels",
              f"file {p.labels} does not exist; run the clustering stage or set pseudo.labels=null")
+
+
+
+def check_given_options(cfg: Config, keys) -> None:
+    """An option given (an override key) to a method that neither train.method nor pipeline.baselines runs
+    is a mistake — a typo in train.method, or an option meant for another method: refused, naming the key.
+    Presets may set any method's options (one preset serves a pipeline of several methods)."""
+    from .config import METHOD_SETTINGS
+    from .methods import METHODS, method_values
+
+    used = {cfg.train.method, cfg.pipeline.fpre_method}
+    for values in [{"train.method": cfg.train.method}, *map(method_values, cfg.pipeline.baselines)]:
+        used |= {values["train.method"], *(key.split(".")[0] for key in values if key != "train.method")}
+        post = METHODS[values["train.method"]].post_process(_with_values(cfg, values))
+        used |= {post.method} if post is not None else set()
+    for key in keys:
+        section = key.split(".")[0]
+        _need(section not in METHOD_SETTINGS or section in used, key,
+              f"is an option of method {section}, which this run does not train (train.method={cfg.train.method}, "
+              f"pipeline.baselines={list(cfg.pipeline.baselines)}); remove it, or set train.method={section}")
+
+
+def _with_values(cfg: Config, values: dict) -> Config:
+    """A shallow copy of `cfg` with `section.field` values set (no validation: for planning only)."""
+    cfg = dataclasses.replace(cfg)
+    for key, value in values.items():
+        section, name = key.split(".")
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **{name: value}))
+    return cfg

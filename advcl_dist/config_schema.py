@@ -37,6 +37,9 @@ class ModelConfig:
     width: int = 64  # first-stage channels of the CIFAR ResNets; 64 is the standard ResNet-18
     proj_dim: int = 128
     proj_hidden: int | None = None  # hidden width of the projection head; null = feature width
+    # Backbone weights at the start: kaiming_fan_out (convs kaiming-normal, fan_out, relu; BN weight 1, bias 0:
+    # the authors' models/resnet_cifar_multibn_ensembleFC.py, ResNet.__init__) | torch (PyTorch's defaults)
+    init: str = "kaiming_fan_out"
 
 
 @dataclass
@@ -82,6 +85,9 @@ class PseudoConfig:
     # f_pre for the clustering stage: a checkpoint.pt of ours or a torchvision ResNet-50 state dict;
     # the pipeline's SimCLR run when null
     fpre: str | None = None
+    # side f_pre sees: the images are resized (bilinear, antialiased) to fpre_size × fpre_size before it, e.g.
+    # 224 for an ImageNet ResNet-50; null = the images as pretraining sees them (views.size)
+    fpre_size: int | None = None
     iters: int = 20  # k-means iterations
     init: str = "kmeans++"  # kmeans++ (over a global sample) | random (rows drawn by global index)
     init_sample_per_k: int = 256  # k-means++ runs on min(N, this × K) rows drawn by global index
@@ -102,6 +108,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     method: str = "advcl"  # a registered method (advcl_dist.methods.METHODS)
+    label: str | None = None  # the name results and checkpoints carry (the pipeline: a variant's); null = method
     plugins: list[str] = field(default_factory=list)  # modules or .py files registering more methods
     epochs: int = 1000
     batch_size: int = 512  # global: divided over ranks

@@ -1,12 +1,16 @@
 """The whole pipeline: f_pre → pseudo-labels → the method and its baselines → finetune + evaluate.
 
-The stages are planned from what each method declares (`Method.needs`), not from method names:
+The stages are planned from what each method declares (`Method.needs`, `Method.post_process`), not from
+method names:
   <fpre_method>   pretraining of f_pre (`pipeline.fpre_method`, SimCLR) when a method needs pseudo-labels
-                  and `pseudo.fpre` is not given; also a baseline when listed in pipeline.baselines
+                  and `pseudo.fpre` is not given, or a teacher (DeACL); also a baseline when listed
   cluster         ensemble k-means pseudo-labels from f_pre features (unless `pseudo.labels` is given)
-  <method>        pretraining of `train.method` and of every `pipeline.baselines` entry, each with the
-                  pseudo-labels when it needs them
-  <method>-<mode> finetuning (pipeline.finetune: slf / alf / aff) + evaluation → results.json
+  <name>          pretraining of `train.method` and of every `pipeline.baselines` entry (a method or a named
+                  variant, e.g. dynacl++), each with the pseudo-labels / teacher it needs
+  <name>-cluster, <name>-post
+                  a method's declared post-processing (DynACL++): pseudo-labels from its own features, then
+                  the post method from its checkpoint; its finetuning reads the post stage's checkpoint
+  <name>-<mode>   finetuning (pipeline.finetune: slf / alf / aff) + evaluation → results.json
 A stage whose outputs say it finished is skipped (and the log says so); a stage that failed or was
 interrupted runs again, resuming from its own checkpoint. Every stage runs on every rank of the launch
 (`torchrun ... tools/pipeline.py`; tools/submit.py sends each stage as its own job). The table of every
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cluster import CLUSTERS, PSEUDO_LABELS, cluster
-from .config import Config, to_yaml, with_overrides
+from .config import Config, ConfigError, to_yaml, with_overrides
 from .distributed import distributed_session
 from .engine import CHECKPOINT, pretrain
 from .engine.preemption import StopRequest
@@ -29,7 +33,7 @@ from .evaluate import RESULTS
 from .faults import fault_point
 from .finetune import finetune
 from .folder_lock import folder_lock
-from .methods import METHODS
+from .methods import METHODS, NEED_FIELDS, method_values
 from .provenance import now
 from .run_folder import changed_keys, is_finished, read_json, write_json, write_text
 
@@ -64,34 +68,68 @@ class Stage:
 def plan_stages(cfg: Config) -> list[Stage]:
     """The stages `cfg` asks for, in the order they must run."""
     root, p = Path(cfg.out_dir), cfg.pipeline
-    methods = list(dict.fromkeys([cfg.train.method, *p.baselines]))
+    runs = {name: method_values(name) for name in dict.fromkeys([cfg.train.method, *p.baselines])}
     stages: list[Stage] = []
 
-    def pretrain_stage(method: str, needs: tuple[str, ...] = (), **extra) -> None:
-        values = {"train.method": method, "out_dir": str(root / method), "pseudo.labels": None, **extra}
-        stages.append(Stage(method, cfg, values, pretrain, "finished", needs))
+    def has(name: str) -> bool:
+        return any(s.name == name for s in stages)
+
+    def pretrain_stage(name: str, values: dict, needs: tuple[str, ...] = ()) -> None:
+        values = {"out_dir": str(root / name), "pseudo.labels": None, "train.label": name, **values}
+        stages.append(Stage(name, cfg, values, pretrain, "finished", needs))
+
+    def needs_of(values: dict) -> frozenset[str]:
+        return METHODS[values["train.method"]].needs
+
+    def checkpoint_of(name: str) -> str:
+        return str(root / name / CHECKPOINT)
+
+    def fpre_run() -> tuple[str, tuple[str, ...]]:
+        """f_pre's checkpoint (the teacher of methods that need one too), pretrained here unless given."""
+        if cfg.pseudo.fpre is not None:
+            return cfg.pseudo.fpre, ()
+        if not has(p.fpre_method):
+            pretrain_stage(p.fpre_method, runs.get(p.fpre_method, {"train.method": p.fpre_method}))
+        return checkpoint_of(p.fpre_method), (p.fpre_method,)
 
     labels, label_needs = cfg.pseudo.labels, ()
-    if labels is None and any("pseudo_labels" in METHODS[m].needs for m in methods):
-        fpre, fpre_needs = cfg.pseudo.fpre, ()
-        if fpre is None:
-            pretrain_stage(p.fpre_method)
-            fpre, fpre_needs = str(root / p.fpre_method / CHECKPOINT), (p.fpre_method,)
+    if labels is None and any("pseudo_labels" in needs_of(v) for v in runs.values()):
+        fpre, fpre_needs = fpre_run()
         stages.append(Stage("cluster", cfg, {"out_dir": str(root / "cluster"), "pseudo.fpre": fpre}, cluster,
                             CLUSTERS, fpre_needs, kind="cluster", graceful=False))
         labels, label_needs = str(root / "cluster" / PSEUDO_LABELS), ("cluster",)
-    for method in methods:
-        if any(s.name == method for s in stages):
-            continue
-        if "pseudo_labels" in METHODS[method].needs:
-            pretrain_stage(method, label_needs, **{"pseudo.labels": labels})
-        else:
-            pretrain_stage(method)
-    for method in methods:
+    served = {}  # run name → the stage whose checkpoint its finetuning reads
+    for name, values in runs.items():
+        method, needs, extra = values["train.method"], (), {}
+        if "pseudo_labels" in needs_of(values):
+            needs, extra = label_needs, {"pseudo.labels": labels}
+        for need, field in NEED_FIELDS.items():
+            if need in needs_of(values) and getattr(getattr(cfg, method), field) is None:
+                if need != "teacher":
+                    raise ConfigError(f"{name} needs {method}.{field} (a checkpoint.pt): give it, or run {method} "
+                                      "as the post-processing of the method that declares it")
+                teacher, teacher_needs = fpre_run()
+                needs, extra = needs + teacher_needs, {**extra, f"{method}.{field}": teacher}
+        if not has(name):
+            pretrain_stage(name, {**values, **extra}, needs)
+        served[name] = name
+        post = METHODS[method].post_process(with_overrides(cfg, values, f"{name}'s options"))
+        if post is not None:
+            # e.g. DynACL++: pseudo-labels from the method's own features, then `post.method` from its checkpoint
+            ks = {"pseudo.ks": list(post.ks)}
+            stages.append(Stage(f"{name}-cluster", cfg, {"out_dir": str(root / f"{name}-cluster"),
+                                                         "pseudo.fpre": checkpoint_of(name), **ks},
+                                cluster, CLUSTERS, (name,), kind="cluster", graceful=False))
+            pretrain_stage(f"{name}-post", {"train.method": post.method, "train.label": name, **ks,
+                                            f"{post.method}.init": checkpoint_of(name),
+                                            "pseudo.labels": str(root / f"{name}-cluster" / PSEUDO_LABELS)},
+                           (f"{name}-cluster",))
+            served[name] = f"{name}-post"
+    for name, source in served.items():
         for mode in p.finetune:
-            values = {"out_dir": str(root / f"{method}-{mode}"), "finetune.mode": mode,
-                      "finetune.checkpoint": str(root / method / CHECKPOINT)}
-            stages.append(Stage(f"{method}-{mode}", cfg, values, finetune, RESULTS, (method,), kind="finetune"))
+            values = {"out_dir": str(root / f"{name}-{mode}"), "finetune.mode": mode,
+                      "finetune.checkpoint": checkpoint_of(source)}
+            stages.append(Stage(f"{name}-{mode}", cfg, values, finetune, RESULTS, (source,), kind="finetune"))
     return stages
 
 

@@ -125,6 +125,14 @@ def labels(tmp: Path, shape=(DIGITS_TRAIN, 5), dtype=np.int64, high: int = 2) ->
     return npy(tmp / "labels.npy", np.random.default_rng(0).integers(0, high, size=shape).astype(dtype))
 
 
+def authors_pickle(tmp: Path, n: int) -> Path:
+    """The authors' pseudo-label format (a pickled dict of label arrays per K), with `n` labels per K."""
+    path = tmp / "labels.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({f"pseudo_train_{k}": np.random.default_rng(k).integers(0, k, n) for k in (2, 10)}, f)
+    return path
+
+
 def object_labels(tmp: Path) -> Path:
     """A pickled object array (np.save with allow_pickle) holding a payload."""
     array = np.zeros((DIGITS_TRAIN, 5), dtype=object)
@@ -249,6 +257,25 @@ CASES = [
     config("too-many-workers", "data.workers=1000", r"'data\.workers': must be in \[0, 128\]"),
     config("missing-plugin-file", "train.plugins=[missing_plugin.py]",
            r"'train\.plugins': file missing_plugin\.py does not exist; give the path of a \.py file"),
+    # --- methods (issue 21) ---
+    config("unknown-method", "train.method=acll", r"'train\.method': 'acll' is not one of \[.*'acl'"),
+    config("unknown-baseline", "pipeline.baselines=[dynacl+++]",
+           r"'pipeline\.baselines': 'dynacl\+\+\+' is not a registered method \(.*\) or variant \(.*'dynacl\+\+'"),
+    config("variant-as-method", "train.method=dynacl++",
+           r"'train\.method': 'dynacl\+\+' is a variant, not a method: run it as train\.method=dynacl "
+           r"dynacl\.post=True, or list it in pipeline\.baselines"),
+    config("option-of-another-method", "acl.variant=a2a",
+           r"'acl\.variant': is an option of method acl, which this run does not train .*set train\.method=acl"),
+    case("unknown-acl-variant", "pretrain", "train.method=acl acl.variant=a3a", pretrain_args("train.method=acl",
+                                                                                            "acl.variant=a3a"),
+         r"'acl\.variant': 'a3a' is not one of"),
+    case("pseudo-pickle-wrong-length", "import_pseudo_labels", "the authors' pickle, 100 labels for 1437 digits",
+         lambda tmp, s: [authors_pickle(tmp, 100), f"out_dir={tmp / 'out'}", *TINY, "pseudo.ks=[2]"],
+         r"\S*labels\.pkl: 'pseudo_train_2' has 100 labels but digits/train .* has 1437 images.*set data\.name"),
+    case("results-as-fpre", "cluster", "pseudo.fpre=results.json",
+         lambda tmp, s: [f"out_dir={tmp / 'out'}", *TINY, "pseudo.ks=[2,3]",
+                         f"pseudo.fpre={s.finetuned / 'results.json'}"],
+         r"pseudo\.fpre must be a pretraining checkpoint\.pt of this package"),
     # --- presets (--config FILE) ---
     preset("malformed-yaml-preset", "--config with a YAML syntax error", "train: {epochs: [1,\n",
            r"config file \S*preset\.yaml is not valid YAML at line \d+.*fix it there"),
@@ -303,8 +330,8 @@ CASES = [
                   r"\S*classifier\.pt is a finetuned classifier, not a pretraining checkpoint; point at the "
                   r"checkpoint\.pt"),
     cluster_from("classifier-as-fpre", "pseudo.fpre=classifier.pt", lambda tmp, s: s.classifier,
-                 r"pseudo\.fpre: \S*classifier\.pt is a finetuned classifier, not a pretraining checkpoint; point at "
-                 r"the checkpoint\.pt"),
+                 r"pseudo\.fpre=\S*classifier\.pt is a finetuned classifier \(classifier\.pt\), not a pretraining "
+                 r"checkpoint; pseudo\.fpre must be a pretraining checkpoint\.pt"),
     evaluate("checkpoint-as-classifier", "eval.checkpoint=checkpoint.pt", lambda tmp, s: s.checkpoint,
              r"\S*checkpoint\.pt is not a finetuned classifier.*tools/finetune\.py finetune\.checkpoint="),
     evaluate("truncated-classifier", "eval.checkpoint=<half a classifier.pt>",

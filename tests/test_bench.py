@@ -70,6 +70,25 @@ def test_loader_bench_small(tmp_path):
 
 
 @pytest.mark.integration
+def test_step_bench_per_method_counts_encoder_passes(tmp_path):
+    """`step --method`: SimCLR pays 2 views × (forward + backward = 3 passes) = 6 forward-equivalents per image
+    (a little less: the first convolution needs no input gradient); supervised AT pays its PGD-S (a forward and
+    an input-gradient backward per step) plus one training step: 2·S + 3."""
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "step", "--method", "simclr",
+                          "supervised_at", "--width", "4", "--batch", "8", "--steps", "1", "--warmup", "0",
+                          "--device", "cpu", "--json", str(tmp_path / "m.json")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "m.json").read_text())
+    runs = report["methods"]
+    assert list(runs) == ["simclr", "supervised_at"] and report["bench"] == "step-methods"
+    assert 5.8 < runs["simclr"]["forward_equivalents"] <= 6.0
+    steps = 10  # attack.supervised_steps
+    assert 2 * steps + 2.5 < runs["supervised_at"]["forward_equivalents"] <= 2 * steps + 3
+    assert all(r["images_per_s"] > 0 and r["host_syncs"] == [] for r in runs.values())
+    assert "| simclr | simclr | fp32 |" in res.stdout
+
+
 def test_step_bench_small(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "step", "--width", "4", "--size", "32",
                           "--batch", "8", "--steps", "2", "--warmup", "1", "--attack-steps", "2", "--device", "cpu",

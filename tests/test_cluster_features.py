@@ -1,17 +1,25 @@
-"""f_pre loading (ours / torchvision ResNet-50), ordered and sharded feature extraction with its cache, global PCA."""
+"""f_pre loading (ours / torchvision ResNet-50, other files refused), ordered and sharded feature extraction with
+its cache, f_pre at its own resolution (pseudo.fpre_size), global PCA."""
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from ranks import run_ranks
 from sklearn.decomposition import PCA
 from torch.utils.data import Dataset, Subset
+from unsafe_files import Payload
 
-from advcl_dist.cluster import extract_features
+from advcl_dist.cluster import cluster, extract_features
 from advcl_dist.cluster.features import load_fpre, pca, shard_features, shard_range
-from advcl_dist.config import Config, ConfigError, to_yaml
+from advcl_dist.config import Config, ConfigError, load_config, to_yaml
+from advcl_dist.data import get_dataset
 from advcl_dist.distributed import distributed_session
+from advcl_dist.engine.checkpoint import UnsafeFileError
 from advcl_dist.models import BACKBONES, build_model
 
 
@@ -244,3 +252,114 @@ def pca_rank(splits, dim, whiten):
 def test_pca_over_uneven_shards_on_two_ranks_equals_single_process_pca():
     outputs = run_ranks(2, pca_rank, [0, 17, 60], 4, True)
     np.testing.assert_allclose(np.concatenate(outputs), pca(pca_data(), 4, True).numpy(), atol=1e-10)
+
+
+# ---- pseudo.fpre_size: f_pre at its own resolution -------------------------------------------------------------
+
+@torch.no_grad()
+def per_image_resized_features(encoder, dataset, side) -> torch.Tensor:
+    """The reference: each image on its own, resized by torchvision's resize (bilinear, antialiased)."""
+    encoder.eval()
+    rows = []
+    for i in range(len(dataset)):
+        image = torchvision.transforms.functional.resize(dataset[i][0].float() / 255, [side, side], antialias=True)
+        rows.append(F.normalize(encoder(image[None]), dim=1))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("side", [20, 5])  # up (a CIFAR image for a 224-px f_pre) and down (antialiasing matters)
+def test_resize_to_feeds_the_encoder_images_resized_like_torchvision(side):
+    encoder, data = tiny_encoder(), Images(5, size=8)
+    features = extract_features(encoder, data, 2, None, torch.device("cpu"), resize_to=side)
+    torch.testing.assert_close(features, per_image_resized_features(encoder, data, side))
+    assert not torch.allclose(features, per_image_features(encoder, data), atol=1e-3)
+    cached, _ = shard_features(encoder, data, batch_size=3, image_size=None, device="cpu", folder=None, key={},
+                               rank=1, world=2, resize_to=side)
+    torch.testing.assert_close(cached, features[2:])
+
+
+@torch.no_grad()
+def test_torchvision_resnet50_fpre_sees_its_own_resolution(resnet50_file):
+    path, net = resnet50_file
+    encoder, _ = load_fpre(path, torch.device("cpu"))
+    data = Images(2, size=8, seed=3)
+    features = extract_features(encoder, data, 2, None, torch.device("cpu"), resize_to=40)
+    resized = torch.stack([torchvision.transforms.functional.resize(data[i][0].float() / 255, [40, 40],
+                                                                    antialias=True) for i in range(2)])
+    torch.testing.assert_close(features, F.normalize(torchvision_reference(net, resized), dim=1),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_the_clustering_stage_passes_fpre_size_and_keys_its_cache_on_it(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (tmp_path / "data" / "train" / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data/train/a" / f"{i}.png")
+    torch.manual_seed(0)
+    net = build_model("resnet18", width=4, proj_dim=8)
+    cfg = Config()
+    cfg.model.arch, cfg.model.width = "resnet18", 4
+    torch.save({"model": net.state_dict(), "config": to_yaml(cfg), "method": "simclr", "step": 1}, tmp_path / "f.pt")
+    out = tmp_path / "out"
+    args = [f"out_dir={out}", "data.name=imagefolder", f"data.root={tmp_path / 'data'}", "views.size=8",
+            f"pseudo.fpre={tmp_path / 'f.pt'}", "pseudo.ks=[2]", "pseudo.iters=2", "train.device=cpu"]
+    shard = out / "features" / "000000000-000000006.npy"
+    cluster(load_config(None, args))
+    assert "fpre_size" not in json.loads((out / "features" / "key.json").read_text())  # old caches stay valid
+    at_8 = np.load(shard)
+    cluster(load_config(None, [*args, "pseudo.fpre_size=16"]))
+    assert json.loads((out / "features" / "key.json").read_text())["fpre_size"] == 16
+    assert json.loads((out / "clusters.json").read_text())["fpre_size"] == 16
+    encoder, _ = load_fpre(tmp_path / "f.pt", "cpu")
+    dataset = get_dataset("imagefolder", "train", str(tmp_path / "data"))
+    expected = per_image_resized_features(encoder, dataset, 16)
+    np.testing.assert_allclose(np.load(shard), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.load(shard), at_8, atol=1e-3)
+
+
+# ---- f_pre files of another kind -------------------------------------------------------------------------------
+
+def test_fpre_files_of_another_kind_are_refused_naming_pseudo_fpre_and_what_it_must_be(resnet50_file, tmp_path):
+    path, net = resnet50_file
+    state = net.state_dict()
+    ours = build_model("resnet18", width=4, proj_dim=8)
+    files = {  # name: (content, what the message says about it)
+        "classifier.pt": ({"model": ours.state_dict(), "classifier": {"arch": "resnet18", "width": 4}},
+                          "is a finetuned classifier"),
+        "results.json": ('{"dataset": "cifar10", "SA": 80.1, "RA": 50.2, "AA": null}', "cannot be read"),
+        "features.npy": (np.zeros((3, 4), np.float32), "cannot be read"),
+        "tensor.pt": (torch.zeros(3), "holds a Tensor"),
+        "resnet18_state_dict.pt": (ours.state_dict(), "keys do not match a torchvision ResNet-50"),
+        "narrow_resnet50.pt": ({k: (v[: v.shape[0] // 2] if k == "conv1.weight" else v) for k, v in state.items()},
+                               r"not its shapes \(1 tensors, e.g. conv1.weight \(32, 3, 7, 7\) instead of "
+                               r"\(64, 3, 7, 7\)\)"),
+        "epoch_only.pt": ({"epoch": 3, "arch": "resnet50"}, "nor a state dict of tensors"),
+    }
+    for name, (content, why) in files.items():
+        file = tmp_path / name
+        if isinstance(content, str):
+            file.write_text(content)
+        elif isinstance(content, np.ndarray):
+            np.save(file, content)
+        else:
+            torch.save(content, file)
+        with pytest.raises(ConfigError) as error:
+            load_fpre(file, "cpu")
+        message = str(error.value)
+        assert message.startswith(f"pseudo.fpre={file}") and "\n" not in message, (name, message)
+        assert "pseudo.fpre must be a pretraining checkpoint.pt of this package" in message, name
+        assert "classifier.pt or" not in message, name  # no advice to point f_pre at a classifier
+        assert re.search(why, message), (name, message)
+    marker = tmp_path / "ran"
+    torch.save({"conv1.weight": Payload(marker)}, tmp_path / "crafted.pt")
+    with pytest.raises(UnsafeFileError, match=r"^pseudo.fpre: .*crafted.pt was refused"):
+        load_fpre(tmp_path / "crafted.pt", "cpu")
+    assert not marker.exists()
+
+
+def test_fpre_size_must_be_a_positive_side_or_null():
+    assert load_config(None, []).pseudo.fpre_size is None
+    assert load_config(None, ["pseudo.fpre_size=224"]).pseudo.fpre_size == 224
+    for bad in ("0", "-224"):
+        with pytest.raises(ConfigError, match=r"config key 'pseudo.fpre_size': must be > 0"):
+            load_config(None, [f"pseudo.fpre_size={bad}"])

@@ -190,3 +190,29 @@ def test_one_process_stops_at_once_and_the_handler_is_restored():
         assert request.agreed()
     assert signal.getsignal(signal.SIGUSR2) is before
     assert StopRequest().agreed() is False
+
+
+def test_table1_sweep_dry_run_lists_every_method_and_mode_with_its_dependencies(capsys, tmp_path):
+    """configs/sweeps/table1.yaml: one array of 2 (CIFAR-10, CIFAR-100) per stage; every method × SLF/ALF/AFF;
+    each job waits for what it reads: f_pre → cluster → AdvCL, the teacher → DeACL, DynACL++'s own features →
+    its clustering → its post-processing → its finetunings."""
+    out = dry_run(capsys, "--sweep", "configs/sweeps/table1.yaml", "--nodes", "4", "--output", str(tmp_path / "t1"))
+    jobs = sbatch_blocks(out)
+    methods = ["advcl", "supervised_at", "apdpe", "rocl", "acl", "dynacl", "dynacl++", "dynacl_air", "dynacl_air++",
+               "deacl"]
+    waits = {"simclr": None, "cluster": "simclr", "advcl": "cluster", "deacl": "simclr", "supervised_at": None,
+             "dynacl++-cluster": "dynacl++", "dynacl++-post": "dynacl++-cluster",
+             "dynacl_air++-cluster": "dynacl_air++", "dynacl_air++-post": "dynacl_air++-cluster"}
+    for method in methods:
+        for mode in ("slf", "alf", "aff"):
+            waits[f"{method}-{mode}"] = f"{method}-post" if method.endswith("++") else method
+    assert set(jobs) == {*waits, *methods, "summary"}
+    for name, script in jobs.items():
+        assert "#SBATCH --array=0-1%2" in script or name == "summary", name
+        needed = waits.get(name)
+        if needed is not None:
+            assert f"#SBATCH --dependency='aftercorr:<{needed}>'" in script, name
+        elif name != "summary":
+            assert "--dependency" not in script, name
+    assert '# sweep point 00-name=cifar10: {"data.name": "cifar10"}' in out
+    assert '# sweep point 01-name=cifar100: {"data.name": "cifar100"}' in out

@@ -62,3 +62,33 @@ def test_sweep_runs_as_job_arrays_and_report_tabulates_it(pipeline_run, tmp_path
     assert lines[2].startswith("| 00-ks=10/advcl-slf | [10] | advcl | SLF | digits |")
     assert lines[3].startswith("| 01-ks=2,10,50/advcl-slf | [2,10,50] | advcl | SLF | digits |")
     assert len(lines) == 4 and (tmp_path / "report.csv").is_file()
+
+
+def test_a_mini_table1_sweep_runs_on_slurm_and_renders_in_the_papers_layout(slurm, tmp_path):
+    """configs/sweeps/demo_table1.yaml: ACL and RoCL × SLF and ALF on digits, every stage a 2-node job (no
+    AutoAttack: TINY); then tools/report.py --paper table1 puts our numbers beside the published ones."""
+    sub = submit("--cluster", "slurm", *NODES, "--sweep", "configs/sweeps/demo_table1.yaml", "--output",
+                 str(tmp_path), *TINY)
+    jobs = {j["stage"]: j for j in sub["jobs"]}
+    assert list(jobs) == ["acl", "rocl", "acl-slf", "acl-alf", "rocl-slf", "rocl-alf", "summary"]
+    assert jobs["acl"]["dependency"] is None and jobs["rocl"]["dependency"] is None
+    for name in ("acl", "rocl"):
+        for mode in ("slf", "alf"):
+            assert jobs[f"{name}-{mode}"]["dependency"] == f"afterok:{jobs[name]['job_ids'][0]}"
+    wait_for([i for job in sub["jobs"] for i in job["job_ids"]])
+    point = tmp_path / "00-name=digits"
+    for name in ("acl", "rocl"):
+        run = json.loads((point / name / "run.json").read_text())
+        assert run["world_size"] == 2 and run["finished"] is True and run["method"] == name
+        for mode in ("slf", "alf"):
+            result = json.loads((point / f"{name}-{mode}" / "results.json").read_text())
+            assert result["method"] == name and result["finetune"] == mode and 0 <= result["RA"] <= result["SA"]
+    report = subprocess.run([sys.executable, "tools/report.py", str(tmp_path), "--paper", "table1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    table = (tmp_path / "report_table1.md").read_text()
+    for name in ("acl", "rocl"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
+        ours = json.loads((point / f"{name}-slf" / "results.json").read_text())
+        assert f"{ours['SA']:.2f}" in row and f"{ours['RA']:.2f}" in row
+    assert (tmp_path / "report_table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -204,3 +204,67 @@ def test_global_batch_norm_sits_inside_the_branches_and_takes_the_plan():
 def test_unknown_arch_names_the_key():
     with pytest.raises(ValueError, match="model.arch"):
         build_model("vgg")
+
+
+# ---- model.init: the authors' kaiming fan_out initialisation, or PyTorch's ------------------------------------
+
+def conv_stats(encoder):
+    """(weight std, formula std of kaiming fan_out, formula std of PyTorch's default, max |w|, bound of PyTorch's
+    default) for every conv: fan_out = out·kh·kw, N(0, 2/fan_out); PyTorch's U(±1/√fan_in) has std 1/√(3·fan_in)."""
+    rows = []
+    for m in encoder.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            out_ch, in_ch, kh, kw = m.weight.shape
+            fan_out, fan_in = out_ch * kh * kw, in_ch * kh * kw
+            w = m.weight.detach().double()
+            rows.append((w.std().item(), (2 / fan_out) ** 0.5, (1 / (3 * fan_in)) ** 0.5, w.abs().max().item(),
+                         fan_in ** -0.5, w.numel()))
+    return rows
+
+
+def test_default_init_is_kaiming_normal_fan_out_with_unit_batch_norm():
+    from advcl_dist.models import BACKBONES
+
+    torch.manual_seed(0)
+    encoder = BACKBONES["resnet18"](64, BRANCHES)
+    for std, kaiming, default, *_, n in conv_stats(encoder):
+        assert std == pytest.approx(kaiming, rel=0.1 if n < 10_000 else 0.02)
+        assert abs(std - default) > 0.3 * default  # ratios: √6 (3×3, in = out), √3 (1×1 shortcut), 0.53 (stem)
+    widest = max(conv_stats(encoder), key=lambda row: row[-1])
+    assert widest[-1] == 512 * 512 * 9 and widest[3] > widest[4]  # a normal draw exceeds the uniform's bound
+    for m in encoder.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
+
+
+def test_torch_init_is_pytorchs_default_uniform():
+    from advcl_dist.models import BACKBONES
+
+    torch.manual_seed(0)
+    encoder = BACKBONES["resnet18"](64, ("normal",), init="torch")
+    for std, kaiming, default, biggest, bound, n in conv_stats(encoder):
+        assert std == pytest.approx(default, rel=0.1 if n < 10_000 else 0.02)
+        assert biggest <= bound and abs(std - kaiming) > 0.3 * kaiming
+
+
+def test_resnet50_keeps_torchvisions_init_which_is_the_same_rule():
+    torch.manual_seed(0)
+    encoder = resnet50(("normal", "pgd"))
+    big = [row for row in conv_stats(encoder) if row[-1] >= 500_000]
+    assert len(big) >= 10
+    for std, kaiming, *_ in big:
+        assert std == pytest.approx(kaiming, rel=0.02)
+    bns = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bns)
+
+
+def test_unknown_init_is_refused_naming_the_key():
+    from advcl_dist.config import ConfigError, load_config
+    from advcl_dist.models.resnet import CifarResNet
+
+    with pytest.raises(ConfigError, match=r"config key 'model.init': 'xavier' is not one of \['kaiming_fan_out', "
+                                          r"'torch'\]"):
+        load_config(None, ["model.init=xavier"])
+    with pytest.raises(ValueError, match="model.init='xavier'"):
+        CifarResNet(width=4, init="xavier")
+    assert load_config(None, []).model.init == "kaiming_fan_out"

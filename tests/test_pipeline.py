@@ -9,7 +9,7 @@ import pytest
 from matplotlib.image import imread
 
 from advcl_dist import pipeline
-from advcl_dist.config import load_config
+from advcl_dist.config import ConfigError, load_config
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +48,40 @@ def test_stages_follow_what_the_methods_declare_they_need(tmp_path):
     assert [s.name for s in stages] == ["supervised_at", "cluster", "advcl", "advcl-slf"]
     assert stages[1].values["pseudo.fpre"] == str(tmp_path / "supervised_at" / "checkpoint.pt")
     assert stages[2].needs == ("cluster",) and stages[1].needs == ("supervised_at",)
+
+
+def test_variants_teachers_and_post_processing_are_planned_from_what_methods_declare(tmp_path):
+    """A variant runs its method with its options under its own name; DeACL's teacher is the SimCLR run (the same
+    stage as f_pre); DynACL++ clusters its own features and trains lpaff from its checkpoint, and its finetuning
+    reads that checkpoint."""
+    cfg = load_config(None, [f"out_dir={tmp_path}", *TINY, "pipeline.baselines=[deacl,dynacl++,acl_a2a]"])
+    stages = {s.name: s for s in pipeline.plan_stages(cfg)}
+    assert list(stages) == ["simclr", "cluster", "advcl", "deacl", "dynacl++", "dynacl++-cluster", "dynacl++-post",
+                            "acl_a2a", "advcl-slf", "deacl-slf", "dynacl++-slf", "acl_a2a-slf"]
+    simclr = str(tmp_path / "simclr" / "checkpoint.pt")
+    assert stages["deacl"].values["deacl.teacher"] == simclr and stages["deacl"].needs == ("simclr",)
+    assert stages["acl_a2a"].values == {"out_dir": str(tmp_path / "acl_a2a"), "pseudo.labels": None,
+                                        "train.label": "acl_a2a", "train.method": "acl", "acl.variant": "a2a"}
+    assert stages["dynacl++"].values["dynacl.post"] is True and stages["dynacl++"].needs == ()
+    dyn = str(tmp_path / "dynacl++" / "checkpoint.pt")
+    assert stages["dynacl++-cluster"].values["pseudo.fpre"] == dyn
+    assert stages["dynacl++-cluster"].needs == ("dynacl++",)
+    post = stages["dynacl++-post"].values
+    assert post["train.method"] == "lpaff" and post["lpaff.init"] == dyn and post["train.label"] == "dynacl++"
+    assert post["pseudo.labels"] == str(tmp_path / "dynacl++-cluster" / "pseudo_labels.npy")
+    assert post["pseudo.ks"] == stages["dynacl++-cluster"].values["pseudo.ks"] == [10]
+    assert stages["dynacl++-slf"].values["finetune.checkpoint"] == str(tmp_path / "dynacl++-post" / "checkpoint.pt")
+    assert stages["dynacl++-slf"].needs == ("dynacl++-post",)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["pipeline.baselines=[dynacl+++]"], r"'dynacl\+\+\+' is not a registered method .* or variant"),
+    (["train.method=dynacl++"], r"is a variant, not a method: run it as train.method=dynacl dynacl.post=True"),
+    (["train.method=simclr", "acl.variant=a2a"], r"'acl.variant': is an option of method acl, which this run "),
+])
+def test_unknown_methods_and_options_of_methods_not_run_are_refused(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [f"out_dir={tmp_path}", *TINY, *overrides])
 
 
 def test_skips_finished_stages_and_reruns_a_failed_one(tmp_path, monkeypatch, capsys):

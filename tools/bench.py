@@ -30,7 +30,7 @@ import argparse
 import os
 import sys
 
-from advcl_dist.bench import evaluation, finetuning, kmeans, loader, precision, scaling, step, views
+from advcl_dist.bench import evaluation, finetuning, kmeans, loader, method_step, precision, scaling, step, views
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--batch", type=_batch, default=512,
                     help="images per step, or auto (CUDA): the largest power of two <= 1024 that fits")
     st.add_argument("--modes", nargs="+", choices=step.MODES, help="default: all of them")
+    st.add_argument("--method", nargs="+", metavar="M",
+                    help="instead of the AdvCL modes: one training step of each method or variant (or 'all'): "
+                         "images/s, FLOPs/image, forward-equivalents per image")
     st.add_argument("--compile", action="store_true", help="also time bf16 with the model in torch.compile")
     st.add_argument("--attack-steps", type=int, default=5, help="PGD steps of each of the two attacks")
     st.add_argument("--steps", type=int, default=10, help="timed steps per mode")
@@ -142,7 +145,8 @@ def _batch(value: str):
 
 if __name__ == "__main__":
     args = parser().parse_args()
-    mains = {"kmeans": kmeans.main, "loader": loader.main, "step": step.main, "eval": evaluation.eval_main,
+    mains = {"kmeans": kmeans.main, "loader": loader.main, "eval": evaluation.eval_main,
+             "step": lambda a: (method_step.main(a) if a.method else step.main(a)),
              "finetune": finetuning.finetune_main, "views": views.main, "precision": precision.main,
              "scaling": scaling.main}
     sys.exit(mains[args.bench](args) and 0)

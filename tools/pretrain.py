@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Pretrain an encoder (advcl, simclr, supervised_at) on one process or on every rank of a launch:
+"""Pretrain an encoder (any registered method: advcl, simclr, acl, dynacl, ...; docs/methods.md) on one
+process or on every rank of a launch:
 python tools/pretrain.py --config configs/demo.yaml [key=value ...]
 torchrun --nproc_per_node 8 tools/pretrain.py --config configs/cifar10_advcl.yaml [key=value ...]"""
 import sys

@@ -135,7 +135,8 @@ def workload(width: int = 64, arch: str = "resnet18") -> Workload:
 
     cfg = load_config(None, [f"model.width={width}", f"model.arch={arch}"])
     m = cfg.model
-    model = build_model(m.arch, m.width, ("normal", "pgd", "pgd_ce"), m.proj_dim, m.proj_hidden, cfg.pseudo.ks)
+    model = build_model(m.arch, m.width, ("normal", "pgd", "pgd_ce"), m.proj_dim, m.proj_hidden, cfg.pseudo.ks,
+                        init=m.init)
     grads = [p.numel() * p.element_size() for p in model.parameters() if p.requires_grad]
     return Workload(params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                     grad_tensors=tuple(grads[::-1]),

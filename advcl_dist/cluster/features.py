@@ -1,8 +1,10 @@
 """f_pre features for ClusterFit, each rank extracting (and caching) one contiguous shard of the dataset.
 
 f_pre is either a pretraining checkpoint.pt of this package or a torchvision ResNet-50 state dict; both are
-wrapped so that callers always pass float [0, 1] images. Shards are cached per index range, so a requeued
-job, even at another world size, reads them back instead of running the encoder again.
+wrapped so that callers always pass float [0, 1] images, and any other file is refused naming pseudo.fpre.
+With `resize_to` (pseudo.fpre_size) f_pre sees the images resized on the device to its own resolution (e.g.
+224 for an ImageNet ResNet-50). Shards are cached per index range, so a requeued job, even at another world
+size, reads them back instead of running the encoder again.
 """
 from __future__ import annotations
 
@@ -19,12 +21,14 @@ from torch import nn
 from ..config import ConfigError
 from ..data.loader import ordered_batches, subset
 from ..distributed import barrier, world_size
-from ..engine.checkpoint import load_checkpoint, load_encoder
+from ..engine.checkpoint import UnsafeFileError, load_checkpoint, load_encoder
 from ..run_folder import save_array, write_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision's ImageNet weights were trained on
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _SHARD = re.compile(r"^(\d{9})-(\d{9})\.npy$")
+FPRE_KINDS = ("pseudo.fpre must be a pretraining checkpoint.pt of this package (e.g. the pipeline's SimCLR run) "
+              "or a torchvision ResNet-50 state dict (torch.save(resnet50.state_dict(), f))")
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -61,6 +65,8 @@ def load_fpre(path, device) -> tuple[nn.Module, dict]:
 
     The kind of file is told by its content: a dict with 'model' and 'config' is ours, anything else must be
     a torchvision ResNet-50 state dict (possibly under 'state_dict'/'model', possibly with DDP's 'module.').
+    Other files (a classifier.pt, a results.json, another network's weights) raise a one-line ConfigError
+    naming pseudo.fpre and what it must be.
     """
     path = Path(path)
     if not path.is_file():
@@ -69,13 +75,19 @@ def load_fpre(path, device) -> tuple[nn.Module, dict]:
                                 "state dict")
     try:
         state = load_checkpoint(path, "cpu")
-    except ConfigError as e:
-        raise type(e)(f"pseudo.fpre: {e}") from None
-    if isinstance(state, dict) and (("model" in state and "config" in state) or "classifier" in state):
+    except UnsafeFileError as e:
+        raise UnsafeFileError(f"pseudo.fpre: {e}") from None
+    except ConfigError as e:  # text (a results.json, a config), a numpy file, a bare tensor, a damaged file
+        reason = str(e).removeprefix(str(path)).split("; point at")[0].strip()
+        raise ConfigError(f"pseudo.fpre={path} {reason}; {FPRE_KINDS}") from None
+    if "classifier" in state:
+        raise ConfigError(f"pseudo.fpre={path} is a finetuned classifier (classifier.pt), not a pretraining "
+                          f"checkpoint; {FPRE_KINDS}")
+    if "model" in state and "config" in state:
         try:
             encoder, info = load_encoder(path, device, state)
-        except ConfigError as e:  # a classifier, another network's weights: say which setting named the file
-            raise type(e)(f"pseudo.fpre: {e}") from None
+        except ConfigError as e:  # another network's weights: say which setting named the file
+            raise ConfigError(f"pseudo.fpre: {e}; {FPRE_KINDS}") from None
         return _NormalBranch(encoder).to(device).eval(), {**info, "kind": "advcl-dist"}
     net = _torchvision_resnet50(_state_dict_of(state, path), path)
     info = {"checkpoint": str(path.resolve()), "kind": "torchvision-resnet50", "method": None, "arch": "resnet50"}
@@ -88,7 +100,7 @@ def _state_dict_of(state, path: Path) -> dict:
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"pseudo.fpre={path} is neither a checkpoint.pt of this package (with 'model' and "
-                          "'config') nor a state dict of tensors (torchvision ResNet-50)")
+                          f"'config') nor a state dict of tensors; {FPRE_KINDS}")
     return {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
 
 
@@ -97,27 +109,40 @@ def _torchvision_resnet50(weights: dict, path: Path) -> nn.Module:
 
     net = torchvision.models.resnet50(weights=None)
     net.fc = nn.Identity()  # 2048-d pooled features
-    expected = set(net.state_dict())
+    expected = net.state_dict()
     # BN layers fill in a missing num_batches_tracked themselves (older torchvision files lack it)
-    missing = sorted(k for k in expected - weights.keys() if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(weights.keys() - expected)
+    missing = sorted(k for k in expected.keys() - weights.keys() if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(weights.keys() - expected.keys())
     if missing or unexpected:
         raise ConfigError(f"pseudo.fpre={path} is not a checkpoint.pt of this package and its keys do not match a "
                           f"torchvision ResNet-50 state dict (conv1.weight, bn1.*, layer1-4.*, optional fc.*, "
                           f"optional 'module.' prefix): missing {missing[:5]} ({len(missing)}), "
-                          f"unexpected {unexpected[:5]} ({len(unexpected)})")
-    try:
-        net.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ConfigError(f"pseudo.fpre={path} has the keys of a ResNet-50 but not its shapes: {e}") from e
+                          f"unexpected {unexpected[:5]} ({len(unexpected)}); {FPRE_KINDS}")
+    wrong = [f"{k} {tuple(v.shape)} instead of {tuple(expected[k].shape)}" for k, v in weights.items()
+             if v.shape != expected[k].shape]
+    if wrong:  # e.g. a wide ResNet-50: the same names, other widths
+        raise ConfigError(f"pseudo.fpre={path} has the keys of a ResNet-50 but not its shapes ({len(wrong)} "
+                          f"tensors, e.g. {', '.join(wrong[:3])}); {FPRE_KINDS}")
+    net.load_state_dict(weights)
     return net
+
+
+def resize_square(x: torch.Tensor, side: int | None) -> torch.Tensor:
+    """Float images [B, C, H, W] resized to side × side, bilinear with antialiasing: what torchvision's
+    transforms.functional.resize(img, [side, side], antialias=True) does to each float image; None: x."""
+    if side is None or tuple(x.shape[-2:]) == (side, side):
+        return x
+    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
 
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset, batch_size: int, image_size: int | None,
-                     device: torch.device, labels: list | None = None) -> torch.Tensor:
+                     device: torch.device, labels: list | None = None, resize_to: int | None = None) -> torch.Tensor:
     """L2-normalised float32 features [len(dataset), D] on `device`, row i = dataset item i; the items'
     labels are appended to `labels` when a list is given.
+
+    `image_size`: the side of the base images (as the loader makes them); `resize_to`: the side the encoder
+    sees, resized on the device (`resize_square`, in float32 before any autocast), None: the base images.
 
     Eval mode (running BN statistics), so a row does not depend on which images share its batch.
     """
@@ -127,6 +152,7 @@ def extract_features(encoder: nn.Module, dataset, batch_size: int, image_size: i
     encoder.eval()
     rows = []
     for x, y in ordered_batches(dataset, batch_size, image_size, device):
+        x = resize_square(x, resize_to)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             h = encoder(x)
         rows.append(F.normalize(h.float(), dim=1))
@@ -136,15 +162,17 @@ def extract_features(encoder: nn.Module, dataset, batch_size: int, image_size: i
 
 
 def shard_features(encoder: nn.Module, dataset, *, batch_size: int, image_size: int | None, device,
-                   folder: Path | None, key: dict, rank: int, world: int) -> tuple[torch.Tensor, int]:
-    """This rank's rows of the features and their first dataset index, cached under `folder` when given.
+                   folder: Path | None, key: dict, rank: int, world: int,
+                   resize_to: int | None = None) -> tuple[torch.Tensor, int]:
+    """This rank's rows of the features and their first dataset index, cached under `folder` when given;
+    `resize_to` as in `extract_features` (the caller puts it in `key`).
 
     Cached shards are `<start>-<end>.npy` next to `key.json`; they are reused by any world size whose
     ranges they cover, and only while `key.json` equals `key` (same f_pre, same data).
     """
     start, end = shard_range(len(dataset), rank, world)
     if folder is None:
-        return _extract_range(encoder, dataset, start, end, batch_size, image_size, device), start
+        return _extract_range(encoder, dataset, start, end, batch_size, image_size, device, resize_to), start
     folder = Path(folder)
     key = json.loads(json.dumps(key, default=str))  # compare what key.json will hold
     if rank == 0 and _stored_key(folder) != key:
@@ -153,19 +181,20 @@ def shard_features(encoder: nn.Module, dataset, *, batch_size: int, image_size: 
         write_json(key, folder / "key.json")
     barrier()  # the other ranks look only after rank 0 has cleaned up
     if start == end:
-        return _extract_range(encoder, dataset, start, end, batch_size, image_size, device), start
+        return _extract_range(encoder, dataset, start, end, batch_size, image_size, device, resize_to), start
     cached = _read_cached(folder, key, start, end) if _stored_key(folder) == key else None
     if cached is not None:
         return torch.from_numpy(cached).to(device), start
-    x = _extract_range(encoder, dataset, start, end, batch_size, image_size, device)
+    x = _extract_range(encoder, dataset, start, end, batch_size, image_size, device, resize_to)
     save_array(x.cpu().numpy().astype(np.float32), folder / f"{start:09d}-{end:09d}.npy")
     return x, start
 
 
-def _extract_range(encoder, dataset, start, end, batch_size, image_size, device) -> torch.Tensor:
+def _extract_range(encoder, dataset, start, end, batch_size, image_size, device, resize_to) -> torch.Tensor:
     if start == end:  # more ranks than images: an empty [0, D] shard, D learnt from one image
-        return extract_features(encoder, subset(dataset, [0]), 1, image_size, device)[:0]
-    return extract_features(encoder, subset(dataset, range(start, end)), batch_size, image_size, device)
+        return extract_features(encoder, subset(dataset, [0]), 1, image_size, device, resize_to=resize_to)[:0]
+    return extract_features(encoder, subset(dataset, range(start, end)), batch_size, image_size, device,
+                            resize_to=resize_to)
 
 
 def _stored_key(folder: Path):

@@ -69,16 +69,19 @@ def cluster(cfg: Config, stop: StopRequest | None = None) -> Path:
 
         run = RunFolder(out, "cluster", info)
         run.start(to_yaml(cfg), {"restart": True} if (out / RUN).is_file() else None)
-        log(f"f_pre {p.fpre} ({fpre.get('method') or fpre['kind']}) on {cfg.data.name}/{cfg.data.split}: "
+        seen = f" at {p.fpre_size}×{p.fpre_size} px" if p.fpre_size else ""
+        log(f"f_pre {p.fpre} ({fpre.get('method') or fpre['kind']}){seen} on {cfg.data.name}/{cfg.data.split}: "
             f"{len(dataset)} images over {info.world_size} rank(s), K = {list(p.ks)} → {out}")
         # The cache key says which features the shards hold; K, iterations and PCA may change freely.
         key = {"fpre": fpre["checkpoint"], "fpre_step": fpre.get("step"), "dataset": cfg.data.name,
                "split": cfg.data.split, "root": cfg.data.root, "n": len(dataset), "image_size": cfg.views.size,
                "beton": cfg.data.beton if data_format(cfg.data) == "ffcv" else None}
+        if p.fpre_size is not None:  # only when set: caches written before this option stay valid
+            key["fpre_size"] = p.fpre_size
         start = time.perf_counter()
         features, _ = shard_features(encoder, dataset, batch_size=cfg.eval.batch_size, image_size=cfg.views.size,
                                      device=info.device, folder=out / "features", key=key, rank=info.rank,
-                                     world=info.world_size)
+                                     world=info.world_size, resize_to=p.fpre_size)
         del encoder
         fault_point("cluster.after_features")
         log(f"features {features.shape[1]}-d in {time.perf_counter() - start:.1f} s (cached in {out / 'features'})")
@@ -92,7 +95,8 @@ def cluster(cfg: Config, stop: StopRequest | None = None) -> Path:
             save_array({f"K{k}": c for k, c in centroids.items()}, out / "centroids.npz")
             write_json({"fpre": fpre, "dataset": cfg.data.name, "split": cfg.data.split, "n": len(dataset),
                         "ks": list(p.ks), "iters": p.iters, "init": p.init, "seed": cfg.train.seed,
-                        "pca": p.pca, "feature_dim": int(features.shape[1]), "world_size": info.world_size,
+                        "pca": p.pca, "fpre_size": p.fpre_size, "feature_dim": int(features.shape[1]),
+                        "world_size": info.world_size,
                         "clusters": stats}, out / CLUSTERS)
         run.finish()
         barrier()

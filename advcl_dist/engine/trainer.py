@@ -109,9 +109,13 @@ class Trainer:
     def facts(self, finished: bool = False) -> dict:
         """What a checkpoint records beside the weights and optimizer state."""
         return {"step": self.step, "total_steps": self.total_steps, "epoch": self.step // self.steps_per_epoch,
-                "finished": finished, "method": self.cfg.train.method, "world_size": self.dist.world_size,
-                "engine": self.cfg.train.engine, "config": to_yaml(self.cfg),
+                "finished": finished, "method": self.cfg.train.label or self.cfg.train.method,
+                "world_size": self.dist.world_size, "engine": self.cfg.train.engine, "config": to_yaml(self.cfg),
                 "objective": self.objective.state_dict(), **self.objective.checkpoint_facts(finished)}
+
+    def _method_fact(self) -> dict:
+        """run.json of a pretraining names what it trains (a finetuning's names it in its results)."""
+        return {"method": self.cfg.train.label or self.cfg.train.method} if self.settings.stage == "pretrain" else {}
 
     def save(self, finished: bool = False) -> None:
         self.engine.save(self.checkpoint_path, self.facts(finished))
@@ -165,7 +169,8 @@ class Trainer:
                 self.run.finish(True, steps_done=self.step)
             return self.out
         changed = self.run.start(to_yaml(self.cfg), {"step": self.step} if resumed else None,
-                                 engine=self.cfg.train.engine, sync_bn=self.cfg.train.sync_bn)
+                                 engine=self.cfg.train.engine, sync_bn=self.cfg.train.sync_bn,
+                                 **self._method_fact())
         self.log(self._header(resumed))
         if changed:
             self.log(f"warning: resuming {self.checkpoint_path} with a changed config: {', '.join(changed)}")

@@ -6,9 +6,11 @@ that becomes its own config section, declaring what it needs so that the pipelin
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 
-from ..config import METHOD_SETTINGS, Config
+from ..config import METHOD_SETTINGS, Config, ConfigError
 from ..engine.objective import DataFacts, LoopSettings, Objective, StepContext, StepOutput
 from ..engine.schedule import warmup_cosine
 from ..losses import multiview_nt_xent
@@ -19,7 +21,26 @@ METHODS: dict[str, type[Method]] = {}
 NEEDS = {
     "pseudo_labels": "pseudo.labels from a clustering stage (the pipeline adds f_pre → cluster before it)",
     "labels": "the dataset's labels (a labelled data.split)",
+    # `<name>.teacher` (a settings field): a standard self-supervised encoder's checkpoint.pt; the pipeline
+    # pretrains `pipeline.fpre_method` (SimCLR) for it when the key is null
+    "teacher": "a standard self-supervised teacher checkpoint (`<method>.teacher`)",
+    # `<name>.init` (a settings field): the checkpoint.pt whose encoder training starts from; the pipeline sets
+    # it to the method that declared this one as its post-processing (Method.post_process)
+    "init": "the checkpoint.pt training starts from (`<method>.init`)",
 }
+# Settings field each need is read from / written to by the pipeline.
+NEED_FIELDS = {"teacher": "teacher", "init": "init"}
+VARIANTS: dict[str, dict] = {}  # variant name → config values ("train.method" and the method's options)
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """What a method declares to run after its pretraining (e.g. DynACL++): cluster its own features into
+    pseudo-labels with `ks`, then train `method` (registered, needs "init" and "pseudo_labels") from its
+    checkpoint. Finetuning and evaluation then use that method's checkpoint."""
+
+    method: str
+    ks: tuple[int, ...]
 
 
 def register(name: str, settings: type | None = None):
@@ -31,6 +52,10 @@ def register(name: str, settings: type | None = None):
         unknown = set(cls.needs) - set(NEEDS)
         if unknown:
             raise ValueError(f"method {name!r} declares unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
+        missing = [NEED_FIELDS[n] for n in sorted(set(cls.needs) & set(NEED_FIELDS))
+                   if settings is None or NEED_FIELDS[n] not in {f.name for f in fields(settings)}]
+        if missing:
+            raise ValueError(f"method {name!r} needs {missing} but its settings have no field of that name")
         cls.name = name
         METHODS[name] = cls
         if settings is not None:
@@ -38,6 +63,24 @@ def register(name: str, settings: type | None = None):
         return cls
 
     return wrap
+
+
+def register_variant(name: str, method: str, **options) -> None:
+    """A named variant of a registered method: `pipeline.baselines` (and sweeps) accept `name`, which runs
+    `method` with `options` (dotted config keys, e.g. `{"dynacl.post": True}`) and labels its results `name`."""
+    if name in METHODS or (name in VARIANTS and VARIANTS[name] != {"train.method": method, **options}):
+        raise KeyError(f"variant {name!r} is already a method or another variant")
+    VARIANTS[name] = {"train.method": method, **options}
+
+
+def method_values(name: str) -> dict:
+    """The config values that run the method or variant `name`."""
+    if name in METHODS:
+        return {"train.method": name}
+    if name in VARIANTS:
+        return dict(VARIANTS[name])
+    raise ConfigError(f"{name!r} is not a registered method or variant; choose one of "
+                      f"{sorted(METHODS)} or {sorted(VARIANTS)}")
 
 
 class Method(Objective):
@@ -74,7 +117,8 @@ class Method(Objective):
 
     def build_model(self) -> AdvCLNet:
         m = self.cfg.model
-        return build_model(m.arch, m.width, self.branches, m.proj_dim, m.proj_hidden, self.pseudo_ks())
+        return build_model(m.arch, m.width, self.branches, m.proj_dim, m.proj_hidden, self.pseudo_ks(),
+                           init=m.init)
 
     def contrastive(self, z: torch.Tensor) -> torch.Tensor:
         """Multi-view NT-Xent on `z` [B, V, D] over the global batch, times the configured factor."""
@@ -90,6 +134,11 @@ class Method(Objective):
         only methods that declare `needs = {"labels"}` may use them.
         """
         raise NotImplementedError
+
+    @classmethod
+    def post_process(cls, cfg: Config) -> PostProcess | None:
+        """What the pipeline runs after this method's pretraining (None: finetune its checkpoint directly)."""
+        return None
 
     def describe(self) -> str:
         return self.name
@@ -111,4 +160,5 @@ def split_views(t: torch.Tensor, views: int) -> torch.Tensor:
     return t.reshape(views, -1, t.shape[-1]).transpose(0, 1)
 
 
-__all__ = ["METHODS", "NEEDS", "Method", "StepContext", "StepOutput", "build_method", "register", "split_views"]
+__all__ = ["METHODS", "NEEDS", "NEED_FIELDS", "VARIANTS", "Method", "PostProcess", "StepContext", "StepOutput",
+           "build_method", "method_values", "register", "register_variant", "split_views"]

@@ -33,7 +33,8 @@ class SupervisedAT(Method):
 
     def build_model(self) -> AdvCLNet:
         m = self.cfg.model
-        return build_model(m.arch, m.width, self.branches, pseudo_ks=(self.num_classes,), projector=False)
+        return build_model(m.arch, m.width, self.branches, pseudo_ks=(self.num_classes,), projector=False,
+                           init=m.init)
 
     def training_step(self, ctx: StepContext) -> StepOutput:
         attack_model, model, labels = ctx.module, ctx.model, ctx.labels

@@ -14,8 +14,9 @@ __all__ = ["BRANCHES", "BACKBONES", "AdvCLNet", "BranchBatchNorm", "CifarResNet"
 
 def build_model(arch: str = "resnet18", width: int = 64, branches: Sequence[str] = BRANCHES,
                 proj_dim: int = 128, proj_hidden: int | None = None, pseudo_ks: Sequence[int] = (),
-                projector: bool = True) -> AdvCLNet:
+                projector: bool = True, init: str = "kaiming_fan_out") -> AdvCLNet:
+    """`init`: the backbone's initialisation (model.init; resnet.INITS)."""
     if arch not in BACKBONES:
         raise ValueError(f"model.arch={arch!r} is not known; choose one of {sorted(BACKBONES)}")
-    encoder = BACKBONES[arch](width, tuple(branches))
+    encoder = BACKBONES[arch](width, tuple(branches), init=init)
     return AdvCLNet(encoder, proj_dim, proj_hidden, tuple(pseudo_ks), projector)

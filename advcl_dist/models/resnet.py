@@ -18,6 +18,33 @@ from .branch_bn import BRANCHES, BranchBatchNorm, Plan
 if TYPE_CHECKING:
     import torchvision
 
+INITS = ("kaiming_fan_out", "torch")  # model.init
+
+
+def init_backbone(module: nn.Module, init: str = "kaiming_fan_out") -> nn.Module:
+    """(Re)initialise every convolution and BatchNorm of `module` in place; returns it.
+
+    kaiming_fan_out: conv weights ~ N(0, 2 / fan_out), fan_out = out_channels·kh·kw (He et al. 2015, mode
+    fan_out, gain √2 for ReLU), BN weight 1 and bias 0 — the loop at the end of ResNet.__init__ in the authors'
+    models/resnet_cifar_multibn_ensembleFC.py (LijieFan/AdvCL), the same as torchvision's ResNet.
+    torch: each layer's own reset_parameters (PyTorch's default: conv weights kaiming-uniform with a = √5).
+    Linear layers are left as built in both (the authors' loop does not touch them either).
+    """
+    if init not in INITS:
+        raise ValueError(f"model.init={init!r} is not one of {list(INITS)}")
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            if init == "torch":
+                m.reset_parameters()
+            else:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
 
 class Shortcut(nn.Sequential):
     """Identity when empty, else (conv, BN): a Sequential so the keys stay `shortcut.0.*`, `shortcut.1.*`."""
@@ -51,7 +78,8 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet for 32×32 inputs; `width` is the first stage's channels (64 = ResNet-18)."""
 
-    def __init__(self, blocks: Sequence[int] = (2, 2, 2, 2), width: int = 64, branches=BRANCHES, in_channels=3):
+    def __init__(self, blocks: Sequence[int] = (2, 2, 2, 2), width: int = 64, branches=BRANCHES, in_channels=3,
+                 init: str = "kaiming_fan_out"):
         super().__init__()
         norm = partial(BranchBatchNorm, branches=branches)
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
@@ -64,6 +92,7 @@ class CifarResNet(nn.Module):
                 planes_in = planes
         self.layers = nn.Sequential(*layers)  # a container only: forward walks it with the plan
         self.feat_dim = planes_in
+        init_backbone(self, init)
 
     def forward(self, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x), plan))
@@ -115,16 +144,22 @@ class BranchResNet50(nn.Module):
         return torch.flatten(self.avgpool(out), 1)
 
 
-def resnet50(branches=BRANCHES) -> nn.Module:
-    """torchvision's ResNet-50 (ImageNet-size inputs) with branch BN and the classifier removed."""
+def resnet50(branches=BRANCHES, init: str = "kaiming_fan_out") -> nn.Module:
+    """torchvision's ResNet-50 (ImageNet-size inputs) with branch BN and the classifier removed.
+
+    torchvision's constructor already initialises it as kaiming_fan_out does (its ResNet.__init__ runs the
+    same loop, and reaches the BatchNorm2d inside each BranchBatchNorm); init="torch" resets the convs to
+    PyTorch's defaults instead."""
     import torchvision  # here, not at import: it costs ~2 s of every process's start-up
 
-    return BranchResNet50(torchvision.models.resnet50(weights=None, norm_layer=partial(BranchBatchNorm,
-                                                                                        branches=branches)))
+    net = BranchResNet50(torchvision.models.resnet50(weights=None, norm_layer=partial(BranchBatchNorm,
+                                                                                       branches=branches)))
+    return init_backbone(net, init) if init != "kaiming_fan_out" else net
 
 
+# (width, branches, init=model.init) → backbone
 BACKBONES = {
-    "resnet18": lambda width, branches: CifarResNet((2, 2, 2, 2), width, branches),
-    "resnet34": lambda width, branches: CifarResNet((3, 4, 6, 3), width, branches),
-    "resnet50": lambda width, branches: resnet50(branches),
+    "resnet18": lambda width, branches, init="kaiming_fan_out": CifarResNet((2, 2, 2, 2), width, branches, init=init),
+    "resnet34": lambda width, branches, init="kaiming_fan_out": CifarResNet((3, 4, 6, 3), width, branches, init=init),
+    "resnet50": lambda width, branches, init="kaiming_fan_out": resnet50(branches, init),
 }
