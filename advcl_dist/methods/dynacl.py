@@ -31,11 +31,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..attacks import PGDResult, pgd, ramp
-from ..data.augment import batch_views, to_float
+from ..data.augment import batch_views
 from ..losses import multiview_nt_xent
+from .acl import original_image
 from .air import KL_FORMS, invariance_regularisers
 from .base import Method, PostProcess, StepContext, StepOutput, register, register_variant
 from .simclr import view_settings
@@ -110,14 +110,6 @@ class DynACLSettings:
         need(len(self.post_ks) > 0 and all(k >= 2 for k in self.post_ks), "post_ks",
              "must list at least one K >= 2 (the authors': [10])")
         need(len(set(self.post_ks)) == len(self.post_ks), "post_ks", "lists a K twice")
-
-
-def original_image(images: torch.Tensor, size: int) -> torch.Tensor:
-    """x itself (the AIR code's `ToTensor()` of the stored image) as float [0, 1] at the views' side."""
-    x = to_float(images)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x
 
 
 @register("dynacl", settings=DynACLSettings)
