@@ -18,12 +18,15 @@ pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-BASE = ["data.name=digits", "data.workers=0", "train.device=cpu", "model.width=4", "model.proj_dim=16"]
+# model.init=torch: the initialisation the tiny classifier below (and the ε and AutoAttack subset chosen for it)
+# was calibrated with; from the authors' kaiming fan_out init, AutoAttack broke none of the first 14 it gets right.
+BASE = ["data.name=digits", "data.workers=0", "train.device=cpu", "model.width=4", "model.proj_dim=16",
+        "model.init=torch"]
 # 360 digits test images in 52 blocks of 7 (the last one 3): 26 + 26 blocks on 2 ranks, 18 + 17 + 17 on 3.
 # AutoAttack on the first 14: 2 blocks of 7, so on 3 ranks one rank has no AutoAttack block.
-# ε = 4/255: PGD-3 breaks most correct images, not all; AutoAttack leaves one of the first 14 (its slow
-# attacks, APGD-T, FAB-T and Square, then run on that image only: ~20 s for each run).
-EVAL = ["attack.eval_steps=3", "attack.eps=0.0157", "eval.batch_size=7", "eval.aa_n=14"]
+# ε = 8/255: PGD-3 (steps of 2/255) breaks most correct images, not all, and AutoAttack breaks at least one of
+# the first 14 that it gets right (at 4/255, with torch 2.14.1, it broke none of them).
+EVAL = ["attack.eval_steps=3", "attack.eps=0.0314", "eval.batch_size=7", "eval.aa_n=14"]
 N_TEST, BLOCKS, AA_N, AA_BLOCKS = 360, 52, 14, 2
 
 

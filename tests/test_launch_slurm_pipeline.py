@@ -87,8 +87,8 @@ def test_a_mini_table1_sweep_runs_on_slurm_and_renders_in_the_papers_layout(slur
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
     table = (tmp_path / "report_table1.md").read_text()
-    for name in ("acl", "rocl"):
-        row = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
-        ours = json.loads((point / f"{name}-slf" / "results.json").read_text())
-        assert f"{ours['SA']:.2f}" in row and f"{ours['RA']:.2f}" in row
+    for name, label in (("acl", "ACL"), ("rocl", "RoCL")):  # the paper's row names
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        slf, alf = (json.loads((point / f"{name}-{mode}" / "results.json").read_text()) for mode in ("slf", "alf"))
+        assert row == (f"| {label} | — | {slf['RA']:.2f} | {slf['SA']:.2f} | — | {alf['RA']:.2f} | {alf['SA']:.2f} |")
     assert (tmp_path / "report_table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

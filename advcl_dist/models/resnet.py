@@ -92,7 +92,8 @@ class CifarResNet(nn.Module):
                 planes_in = planes
         self.layers = nn.Sequential(*layers)  # a container only: forward walks it with the plan
         self.feat_dim = planes_in
-        init_backbone(self, init)
+        if init != "torch":  # "torch": the weights as the layers were built (the same random draws as always)
+            init_backbone(self, init)
 
     def forward(self, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x), plan))
