@@ -9,7 +9,6 @@
 The losses themselves are checked against the papers' equations in tests/test_method_<name>.py.
 """
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 from ranks import run_ranks
 from test_engine_distributed import losses, max_difference, tiny, train, train_float64, weights
+from test_kill_matrix import env  # one process, one thread, no launcher or SLURM variables
 from warm_tools import WarmTools
 
 from advcl_dist.config import ConfigError, load_config
@@ -74,12 +74,6 @@ def test_the_zoo_is_registered_and_every_method_is_run_below():
 
 
 # -- tools/pretrain.py, killed and resumed --------------------------------------------------------------------
-def env(**extra: str) -> dict[str, str]:
-    launch = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", ENV}
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in launch}
-    return {**base, "OMP_NUM_THREADS": "1", **extra}
-
-
 @pytest.fixture(scope="module")
 def warm():
     server = WarmTools(env())
