@@ -84,17 +84,17 @@ def plan_stages(cfg: Config) -> list[Stage]:
     def checkpoint_of(name: str) -> str:
         return str(root / name / CHECKPOINT)
 
-    def fpre_run() -> tuple[str, tuple[str, ...]]:
-        """f_pre's checkpoint (the teacher of methods that need one too), pretrained here unless given."""
-        if cfg.pseudo.fpre is not None:
-            return cfg.pseudo.fpre, ()
+    def fpre_run(given: str | None) -> tuple[str, tuple[str, ...]]:
+        """The checkpoint of `pipeline.fpre_method` (f_pre; a teacher), pretrained here unless `given`."""
+        if given is not None:
+            return given, ()
         if not has(p.fpre_method):
             pretrain_stage(p.fpre_method, runs.get(p.fpre_method, {"train.method": p.fpre_method}))
         return checkpoint_of(p.fpre_method), (p.fpre_method,)
 
     labels, label_needs = cfg.pseudo.labels, ()
     if labels is None and any("pseudo_labels" in needs_of(v) for v in runs.values()):
-        fpre, fpre_needs = fpre_run()
+        fpre, fpre_needs = fpre_run(cfg.pseudo.fpre)
         stages.append(Stage("cluster", cfg, {"out_dir": str(root / "cluster"), "pseudo.fpre": fpre}, cluster,
                             CLUSTERS, fpre_needs, kind="cluster", graceful=False))
         labels, label_needs = str(root / "cluster" / PSEUDO_LABELS), ("cluster",)
@@ -108,7 +108,7 @@ def plan_stages(cfg: Config) -> list[Stage]:
                 if need != "teacher":
                     raise ConfigError(f"{name} needs {method}.{field} (a checkpoint.pt): give it, or run {method} "
                                       "as the post-processing of the method that declares it")
-                teacher, teacher_needs = fpre_run()
+                teacher, teacher_needs = fpre_run(None)  # ours: pseudo.fpre may be a torchvision state dict
                 needs, extra = needs + teacher_needs, {**extra, f"{method}.{field}": teacher}
         if not has(name):
             pretrain_stage(name, {**values, **extra}, needs)
