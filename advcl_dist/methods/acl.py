@@ -23,7 +23,6 @@ The AIR code weights the two streams (1 − w)·L_nat + (1 + w)·L_adv with w = 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,7 @@ from ..attacks import PGDResult, pgd, ramp
 from ..data.augment import to_float
 from ..losses import multiview_nt_xent
 from .air import KL_FORMS, invariance_regularisers
-from .base import Method, StepContext, StepOutput, register, register_variant
+from .base import Method, StepContext, StepOutput, bn_mode, register, register_variant
 from .simclr import simclr_views
 
 ACL_VARIANTS = ("a2a", "a2s", "ds")
@@ -66,18 +65,6 @@ class ACLSettings:
 def pair_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: bool = True) -> torch.Tensor:
     """SimCLR's NT-Xent ℓ(z1, z2) of row-aligned projections [B, D] over the (global) batch."""
     return multiview_nt_xent(torch.stack([z1, z2], dim=1), temperature, gather=gather)
-
-
-@contextmanager
-def bn_mode(module: torch.nn.Module, eval_mode: bool):
-    """The module in eval mode inside the block when `eval_mode`, then back to the mode it had."""
-    was_training = module.training
-    if eval_mode:
-        module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def original_image(images: torch.Tensor, size: int) -> torch.Tensor:

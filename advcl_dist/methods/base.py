@@ -6,6 +6,7 @@ that becomes its own config section, declaring what it needs so that the pipelin
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -153,6 +154,19 @@ def build_method(cfg: Config, num_samples: int | None = None, device: torch.devi
     if num_samples is not None:
         method.bind(DataFacts(num_samples, num_classes), torch.device(device))
     return method
+
+
+@contextmanager
+def bn_mode(module: torch.nn.Module, eval_mode: bool = True):
+    """The module in eval mode inside the block when `eval_mode` (BatchNorm on its running statistics, none
+    updated: the authors' attacks), then back to the mode it had."""
+    was_training = module.training
+    if eval_mode:
+        module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def split_views(t: torch.Tensor, views: int) -> torch.Tensor:

@@ -41,8 +41,7 @@ from ..data.augment import crop_flip_view
 from ..engine.checkpoint import load_encoder
 from ..engine.objective import DataFacts
 from ..models import AdvCLNet, build_model, views_plan
-from .base import Method, StepContext, StepOutput, register
-from .rocl import batchnorm_eval
+from .base import Method, StepContext, StepOutput, bn_mode, register
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +128,7 @@ class DeACL(Method):
                ) -> PGDResult:
         """x + δ maximising −cos(f_S(x + δ), t) with the student's BatchNorm in eval mode."""
         a, plan = self.cfg.attack, views_plan(("normal",), x.shape[0])
-        with batchnorm_eval(module):
+        with bn_mode(module):
             return pgd(lambda x_adv: away_from_target(module(x_adv, plan)["features"], target), x,
                        a.eps * share, a.step_size * share, a.steps, a.random_start, generator)
 

@@ -25,7 +25,6 @@ the loss does not depend on the number of ranks.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +34,7 @@ from torch import nn
 from ..attacks import PGDResult, pgd, ramp
 from ..distributed import gather_rows
 from ..models import AdvCLNet, build_model, views_plan
-from .base import Method, StepContext, StepOutput, register, split_views
+from .base import Method, StepContext, StepOutput, bn_mode, register, split_views
 from .simclr import simclr_views
 
 
@@ -59,17 +58,6 @@ def rocl_nt_xent(z: torch.Tensor, temperature: float, detach_keys: bool = True) 
         log_prob = torch.log_softmax(logits.masked_fill(self_mask, float("-inf")), dim=1)
         positives = (cols[None, :] // v == rows[:, None] // v) & ~self_mask
         return -log_prob.masked_fill(~positives, 0.0).sum(1).mean()
-
-
-@contextmanager
-def batchnorm_eval(module: nn.Module):
-    """Run `module` in eval mode (BatchNorm on running statistics, none updated) and restore its mode after."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 class PlainProjection(nn.Module):
@@ -122,7 +110,7 @@ class RoCL(Method):
         once instead of at every step as the authors do; the result is the same.
         """
         a, plan = self.cfg.attack, views_plan(("normal",), t1.shape[0])
-        with batchnorm_eval(module):
+        with bn_mode(module):
             with torch.no_grad():
                 z_t2 = module(t2, plan)["proj"]
 
