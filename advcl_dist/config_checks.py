@@ -39,6 +39,7 @@ def _value(cfg: Config, key: str):
 
 
 def validate(cfg: Config) -> None:
+    from .aa_subset import AA_RULES
     from .config import METHOD_SETTINGS
     from .data import DATASETS
     from .data.datasets import SPLITS
@@ -118,6 +119,11 @@ def validate(cfg: Config) -> None:
          "finetune.milestones", "must be increasing epochs > 0")
     need(0 <= f.val_fraction < 1, "finetune.val_fraction", "must be in [0, 1)")
     need(e.aa_n is None or e.aa_n > 0, "eval.aa_n", "must be > 0 (or null for the whole test set)")
+    need(e.aa_subset in AA_RULES, "eval.aa_subset", f"{e.aa_subset!r} is not one of {list(AA_RULES)}")
+    need(e.aa_seed >= 0, "eval.aa_seed", "must be >= 0")
+    need(e.aa_indices is None or Path(e.aa_indices).is_file(), "eval.aa_indices",
+         f"file {e.aa_indices} does not exist; give a file of test-image indices or <class>/<file> lines "
+         "(or .npy), or set eval.aa_indices=null for eval.aa_subset")
     need(e.square_queries >= 0, "eval.square_queries", "must be >= 0 (0 leaves Square out of the curves)")
     need(not e.curves or a.eps > 0, "eval.curves", "needs attack.eps > 0 (the curves scale with it)")
     need(cfg.pipeline.tsne_n == 0 or cfg.pipeline.tsne_n >= 5, "pipeline.tsne_n", "must be >= 5 (or 0: no t-SNE)")

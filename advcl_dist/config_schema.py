@@ -151,7 +151,10 @@ class EvalConfig:
     checkpoint: str | None = None  # classifier to evaluate (tools/evaluate.py); null = <out_dir>/classifier.pt
     batch_size: int = 512
     autoattack: bool = True  # AA with pyautoattack "standard" (APGD-CE, APGD-T, FAB-T, Square)
-    aa_n: int | None = None  # AutoAttack on the first n test images; null = all
+    aa_n: int | None = None  # AutoAttack on n test images chosen by eval.aa_subset; null = all
+    aa_subset: str = "stratified"  # which n: a seeded class-stratified sample, or "first" (the first n in file order)
+    aa_seed: int = 0  # the stratified sample's seed: the same images for every method and seed of a sweep
+    aa_indices: str | None = None  # file of the AA images (index or <class>/<file> lines, .npy); wins over aa_subset
     curves: bool = False  # gradient-masking checks on the AA images: RA vs ε and vs PGD steps, Square (masking.py)
     square_queries: int = 5000  # queries of the curves' black-box Square attack (AutoAttack's own: 5000)
     seed: int = 0  # PGD random starts (per image: from (seed, image index)) and AutoAttack (per block)

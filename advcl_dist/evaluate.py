@@ -3,11 +3,13 @@
 Every number is measured on the test split of the finetuning dataset, once, at the end: there is no
 selection on the test set. The work is sharded over every rank of the launch in fixed blocks
 (eval_blocks.py), each finished block cached in the run folder, so `results.json` is the same on any
-number of ranks and a requeued evaluation skips what is done. AutoAttack may be restricted to the
-first `eval.aa_n` test images (it is slow); SA and RA on that same subset are recorded beside it, so
-AA ≤ RA ≤ SA can be checked on identical images. Per-image flags go to `flags.npz`. With `eval.curves`,
-the gradient-masking curves and checks (masking.py) run on those images too, through the same blocks and
-cache: results.json gets `curves` and `checks`, the run folder `curves.png`.
+number of ranks and a requeued evaluation skips what is done. AutoAttack may be restricted to
+`eval.aa_n` test images (it is slow), chosen by a recorded rule (aa_subset.py: a seeded class-stratified
+sample by default); SA and RA on that same subset are recorded beside it, so AA ≤ RA ≤ SA can be checked
+on identical images. Every accuracy comes with its count and 95 % Wilson interval (stats.py); the
+per-image flags go to `flags.npz`, for paired comparisons between runs (tools/report.py --compare). With
+`eval.curves`, the gradient-masking curves and checks (masking.py) run on the AutoAttack images too,
+through the same blocks and cache: results.json gets `curves` and `checks`, the run folder `curves.png`.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .aa_subset import aa_selection
 from .attacks import pgd
 from .config import Config, ConfigError, to_yaml
 from .data.source import finetune_data, image_source
@@ -34,6 +37,7 @@ from .masking import masking_checks, robustness_curves
 from .models import BACKBONES, Classifier
 from .rng import StepRandom, step_seed
 from .run_folder import RunFolder, save_array, write_json
+from .stats import accuracy_interval
 
 RESULTS = "results.json"
 CURVES = "curves.png"
@@ -154,13 +158,15 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopReques
         data = finetune_data(cfg, "test", e.beton)
         source = image_source(data)
         n = len(source)
-        aa_n = min(e.aa_n or n, n) if e.autoattack else 0
+        aa_index, subset = aa_selection(e, source) if e.autoattack or e.curves else (np.zeros(0, np.int64), None)
+        aa_n = len(aa_index) if e.autoattack else 0
         log(f"{meta['method']} + {meta['finetune'].upper()} on {meta['dataset']} test ({n} images) on "
             f"{info.world_size} rank(s): SA, RA (PGD-{a.eval_steps}, ε={a.eps * 255:.3g}/255)"
-            + (f", AA on the first {aa_n}" if aa_n else ""))
+            + (f", AA on {aa_n} ({subset['rule']}, {subset['classes']} classes)" if aa_n else ""))
         key = {"classifier": str(path.resolve()), "sha256": file_sha256(path), "dataset": meta["dataset"],
                "split": "test", "n": n, "beton": e.beton, "image_size": meta["image_size"], "eps": a.eps,
-               "step_size": a.step_size, "pgd_steps": a.eval_steps, "seed": e.seed, "block": e.batch_size}
+               "step_size": a.step_size, "pgd_steps": a.eval_steps, "seed": e.seed, "block": e.batch_size,
+               "aa_images": subset and subset["sha256"]}
         restart = (out / CACHE).is_dir()
         cache = FlagCache(out / CACHE, key, info, log)  # refuses another classifier's folder before anything is written
         run = RunFolder(out, "evaluate", info) if record_run else None
@@ -175,15 +181,13 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopReques
             aa = None
             if aa_n:
                 aa = sharded_flags("autoattack", autoattack_block(model, a.eps, e.seed), 1,
-                                   indices=range(aa_n), **common)[0]
+                                   indices=aa_index, **common)[0]
             curves = None
             if e.curves:  # on the AutoAttack images (their RA and AA are then compared on the same images)
-                n_curves = min(e.aa_n or n, n)
-
                 def measure(name, block, rows):
                     if name == f"pgd{a.eval_steps}":  # the RA just measured: its flags on these images
-                        return sa_ra[:, :n_curves]
-                    return sharded_flags(name, block, rows, indices=range(n_curves), **common)
+                        return sa_ra[:, aa_index]
+                    return sharded_flags(name, block, rows, indices=aa_index, **common)
 
                 curves = robustness_curves(model, measure, a.eps, a.step_size, a.eval_steps, e.seed,
                                            e.square_queries)
@@ -195,6 +199,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopReques
         clean, robust = sa_ra
         results = {"dataset": meta["dataset"], "method": meta["method"], "finetune": meta["finetune"],
                    "SA": percent(clean), "RA": percent(robust), "AA": None, "n_test": n,
+                   "intervals": {"SA": accuracy_interval(clean), "RA": accuracy_interval(robust)},
                    "attack": {"norm": "Linf", "eps": a.eps, "eps_255": round(a.eps * 255, 4), "step_size": a.step_size,
                               "pgd_steps": a.eval_steps, "random_start": True,
                               "autoattack": "standard" if aa_n else None, "aa_n": aa_n or None},
@@ -202,15 +207,17 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopReques
                    "epoch": (state.get("selected") or {}).get("epoch", state.get("epoch")),
                    "selected_by": "val_RA" if state.get("selected") else "last_epoch",
                    "world_size": info.world_size}
+        if subset is not None:  # the AutoAttack images (and the curves'): SA and RA on them too, AA when it ran
+            on_subset = {"SA": clean[aa_index], "RA": robust[aa_index], **({"AA": aa} if aa is not None else {})}
+            results["aa_subset"] = {**subset, "AA": None, **{k: percent(v) for k, v in on_subset.items()},
+                                    "intervals": {k: accuracy_interval(v) for k, v in on_subset.items()}}
         if aa is not None:
             results["AA"] = percent(aa)
-            results["aa_subset"] = {"n": aa_n, "SA": percent(clean[:aa_n]), "RA": percent(robust[:aa_n]),
-                                    "AA": percent(aa)}
+            results["intervals"]["AA"] = accuracy_interval(aa)
         if curves is not None:
-            same = slice(0, curves["n"])
             results["curves"] = curves
-            results["checks"] = masking_checks(curves, percent(robust[same]),
-                                               percent(aa) if aa is not None and len(aa) == curves["n"] else None)
+            results["checks"] = masking_checks(curves, percent(robust[aa_index]),
+                                               percent(aa) if aa is not None else None)
             failed = [name for name, check in results["checks"].items() if not check["pass"]]
             log(f"gradient-masking checks on {curves['n']} images: {len(results['checks']) - len(failed)} of "
                 f"{len(results['checks'])} pass" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
@@ -221,12 +228,13 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, stop: StopReques
 
                 plot_curves([(f"{meta['method']} + {meta['finetune'].upper()}", curves)], out / CURVES)
             save_array({"index": np.arange(n), "clean": clean.astype(bool), "robust": robust.astype(bool),
-                        "autoattack": (aa if aa is not None else np.zeros(0, np.uint8)).astype(bool)},
+                        "autoattack": (aa if aa is not None else np.zeros(0, np.uint8)).astype(bool),
+                        "aa_index": aa_index},
                        out / "flags.npz")
             fault_point("evaluate.before_results")
             write_json(results, out / RESULTS)
         if run is not None:
             run.finish(True)
         log(f"SA {results['SA']:.2f}  RA {results['RA']:.2f}  AA "
-            + ("skipped" if results["AA"] is None else f"{results['AA']:.2f} (first {aa_n})") + f" → {out / RESULTS}")
+            + ("skipped" if results["AA"] is None else f"{results['AA']:.2f} (on {aa_n})") + f" → {out / RESULTS}")
         return results

@@ -39,8 +39,8 @@ MAPPING_RULE = ["classifier key 'encoder.K' -> K (the encoder alone; 'head.*' on
                 "a key matching no torchvision name keeps ours, listed under 'unmapped'"]
 TORCHVISION_KEY = re.compile(r"(conv1\.weight|bn1\.\w+|layer[1-4]\.\d+\.(conv[1-3]\.weight|bn[1-3]\.\w+"
                              r"|downsample\.[01]\.\w+))")
-RESULT_KEYS = ("dataset", "method", "finetune", "SA", "RA", "AA", "n_test", "aa_subset", "attack", "epoch",
-               "selected_by", "checkpoint")
+RESULT_KEYS = ("dataset", "method", "finetune", "SA", "RA", "AA", "n_test", "intervals", "aa_subset", "attack",
+               "epoch", "selected_by", "checkpoint")
 
 
 def served_branch(branches, branch: str) -> str:

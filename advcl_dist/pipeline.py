@@ -199,16 +199,25 @@ def _warn_if_changed(stage: Stage) -> None:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """Markdown table; when AA ran on a subset, SA / RA / AA on those same images get their own columns."""
+    """Markdown table; when AA ran on a subset, SA / RA / AA on those same images get their own columns. Each
+    accuracy shows its Wilson interval when the evaluation recorded one (older results.json: the number alone)."""
+    from .report import interval_of, metric_cell  # the reports' one cell formatter
+
+    def cell(result: dict, metric: str) -> str:
+        return metric_cell(result[metric], *interval_of(result, metric))
+
     lines = ["| method | finetune | dataset | SA | RA | AA | AA images | SA / RA / AA on the AA images |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         sub = r.get("aa_subset")
-        aa = "—" if r["AA"] is None else f"{r['AA']:.2f}"
-        same = f"{sub['SA']:.2f} / {sub['RA']:.2f} / {sub['AA']:.2f}" if sub else "—"
-        lines.append(f"| {r['method']} | {r['finetune'].upper()} | {r['dataset']} | {r['SA']:.2f} | {r['RA']:.2f} "
-                     f"| {aa} | {sub['n'] if sub else '—'} | {same} |")
-    return "\n".join(lines) + "\n"
+        same = " / ".join(cell(sub, m) for m in ("SA", "RA", "AA")) if sub else "—"
+        lines.append(f"| {r['method']} | {r['finetune'].upper()} | {r['dataset']} | {cell(r, 'SA')} | {cell(r, 'RA')} "
+                     f"| {cell(r, 'AA')} | {sub['n'] if sub else '—'} | {same} |")
+    shown = any(interval_of(result, m)[0] is not None for r in rows for result in (r, r.get("aa_subset") or {})
+                for m in ("SA", "RA", "AA"))
+    note = ("\n(low–high) = 95 % Wilson interval over the images counted: the test split for SA and RA, the AA "
+            "images for AA and the last column.\n")
+    return "\n".join(lines) + "\n" + (note if shown else "")
 
 
 def write_summary(rows: list[dict], root: Path, cfg: Config | None = None, device="cpu") -> None:

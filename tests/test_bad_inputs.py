@@ -216,10 +216,11 @@ def cluster_from(case_id: str, what: str, fpre: Argv, pattern: str):
                                                           "pseudo.iters=2", f"pseudo.fpre={fpre(tmp, s)}"], pattern)
 
 
-def evaluate(case_id: str, what: str, checkpoint: Argv, pattern: str):
-    """tools/evaluate.py eval.checkpoint=<file>."""
+def evaluate(case_id: str, what: str, checkpoint: Argv, pattern: str, extra: Callable[[Path], list] = lambda tmp: []):
+    """tools/evaluate.py eval.checkpoint=<file> [extra overrides, made in the case's folder]."""
     return case(case_id, "evaluate", what, lambda tmp, s: [f"out_dir={tmp / 'out'}", *TINY, *FT,
-                                                           f"eval.checkpoint={checkpoint(tmp, s)}"], pattern)
+                                                           f"eval.checkpoint={checkpoint(tmp, s)}", *extra(tmp)],
+                pattern)
 
 
 def resume_with(case_id: str, change: str, key: str):
@@ -337,6 +338,13 @@ CASES = [
     evaluate("truncated-classifier", "eval.checkpoint=<half a classifier.pt>",
              lambda tmp, s: truncated(s.classifier, tmp / "cut.pt"),
              r"\S*cut\.pt cannot be read as a torch checkpoint.*point at another file"),
+    evaluate("aa-indices-out-of-range", "eval.aa_indices=<a list for a larger test set>", lambda tmp, s: s.classifier,
+             r"eval\.aa_indices file \S*ids\.txt: index 400 is outside the test set \(0 … 359\); the file is for "
+             r"another dataset or split",
+             lambda tmp: ["eval.autoattack=true", "eval.aa_indices=" + str(write(tmp / "ids.txt", "3\n400\n"))]),
+    evaluate("aa-indices-missing", "eval.aa_indices=<no such file>", lambda tmp, s: s.classifier,
+             r"config key 'eval\.aa_indices': file \S*none\.txt does not exist; give a file of test-image indices",
+             lambda tmp: ["eval.autoattack=true", f"eval.aa_indices={tmp / 'none.txt'}"]),
     # --- resuming with a changed shape-defining key ---
     resume_with("resume-changed-batch-size", "train.batch_size=256", "train.batch_size"),
     resume_with("resume-changed-width", "model.width=8", "model.width"),

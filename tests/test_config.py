@@ -59,6 +59,8 @@ def test_wrong_type_names_the_key():
                                           ("finetune.dataset=mnist", "finetune.dataset"),
                                           ("finetune.val_fraction=1", "finetune.val_fraction"),
                                           ("eval.aa_n=0", "eval.aa_n"),
+                                          ("eval.aa_subset=random", "eval.aa_subset"),
+                                          ("eval.aa_indices=/nope.txt", "eval.aa_indices"),
                                           ("pipeline.finetune=[slf,lp]", "pipeline.finetune"),
                                           ("pipeline.baselines=[byol]", "pipeline.baselines")])
 def test_bad_values_name_the_key(override, key):

@@ -216,3 +216,14 @@ def test_table1_sweep_dry_run_lists_every_method_and_mode_with_its_dependencies(
             assert "--dependency" not in script, name
     assert '# sweep point 00-name=cifar10: {"data.name": "cifar10"}' in out
     assert '# sweep point 01-name=cifar100: {"data.name": "cifar100"}' in out
+
+
+def test_a_sweep_over_seeds_makes_one_point_per_seed_and_refuses_seeds_in_overrides(capsys, tmp_path):
+    out = dry_run(capsys, "--sweep", "configs/sweeps/demo_seeds.yaml", "--output", str(tmp_path / "s"))
+    for seed in (0, 1, 2):
+        assert f'# sweep point 0{seed}-seed={seed}: {{"train.seed": {seed}}}' in out
+    assert sbatch_blocks(out)["advcl"].count("array of 3") == 1
+    sweep = tmp_path / "bad.yaml"
+    sweep.write_text("config: configs/demo.yaml\noverrides: {train.seed: [0, 1]}\ngrid: {data.name: [digits]}\n")
+    assert main(["--dry-run", "--sweep", str(sweep), "--output", str(tmp_path / "o")]) == 2
+    assert "list them under grid: (train.seed: [0, 1, 2])" in capsys.readouterr().err

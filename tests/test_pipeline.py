@@ -117,11 +117,16 @@ def test_skips_finished_stages_and_reruns_a_failed_one(tmp_path, monkeypatch, ca
     assert summary["rows"] == rows
     table = (tmp_path / "summary.md").read_text()
     assert "| advcl | SLF | digits |" in table and "| simclr | SLF | digits |" in table
-    for row in rows:  # curves on the first 20 test images: at ε = 0 and at the run's ε, the evaluation's flags
+    # the curves' 20 images (those AutoAttack would get) are a class-stratified sample: the same for every method
+    assert rows[0]["aa_subset"]["sha256"] == rows[1]["aa_subset"]["sha256"]
+    for row in rows:  # the curves at ε = 0 and at the run's ε are the evaluation's flags on those images
         folder = tmp_path / f"{row['method']}-slf"
         curves, flags = row["curves"], np.load(folder / "flags.npz")
-        assert curves["n"] == 20 and curves["SA"] == curves["ra_vs_eps"][0] == 100 * flags["clean"][:20].mean()
-        assert curves["ra_vs_eps"][3] == 100 * flags["robust"][:20].mean()  # the grid's 8/255 is the run's ε
+        chosen = flags["aa_index"]
+        assert row["aa_subset"]["rule"] == "stratified" and row["aa_subset"]["classes"] == 10 and len(chosen) == 20
+        assert curves["n"] == 20 and curves["SA"] == curves["ra_vs_eps"][0] == 100 * flags["clean"][chosen].mean()
+        assert curves["ra_vs_eps"][3] == 100 * flags["robust"][chosen].mean()  # the grid's 8/255 is the run's ε
+        assert row["aa_subset"]["AA"] is None and row["AA"] is None
         assert set(row["checks"]) == {"ra_non_increasing_in_eps", "ra_near_zero_at_largest_eps",
                                       "more_steps_do_not_raise_ra", "black_box_not_stronger"}  # no AA: no AA check
         assert imread(folder / "curves.png").shape[0] > 100

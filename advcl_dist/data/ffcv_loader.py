@@ -215,6 +215,11 @@ class BetonImages:
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels of `indices`, from the header (no image decoded)."""
+        return self.info.labels[self.indices]
+
     def subset(self, indices: Sequence[int]) -> BetonImages:
         return BetonImages(self.info, workers=self.workers, os_cache=self.os_cache,
                            indices=self.indices[np.asarray(indices, dtype=np.int64)])

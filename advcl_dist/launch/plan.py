@@ -124,6 +124,9 @@ def read_sweep(path: str | Path) -> tuple[dict, list[SweepPoint]]:
     common = spec.get("overrides") or {}
     if not isinstance(common, dict):
         raise ConfigError(f"sweep file {path}: 'overrides' must map dotted keys to values")
+    if isinstance(common.get("train.seed"), list):
+        raise ConfigError(f"sweep file {path}: overrides give one train.seed to every point; to run several seeds, "
+                          "list them under grid: (train.seed: [0, 1, 2]); tools/report.py gives their mean ± std")
     keys = list(grid)
     points = []
     for i, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
