@@ -3,11 +3,14 @@
 Only numbers read from a source are here, each entry with the source it was read from (`cite`):
 
 - "paper": Fan et al., "When Does Contrastive Learning Preserve Adversarial Robustness from Pretraining to
-  Finetuning?", NeurIPS 2021, arXiv:2111.01124. The paper's own text (Tables 1, 2, 4, 5) could not be read
-  where this file was written, so only AdvCL's own SLF rows are here: CIFAR-10 SA 80.85 / RA 50.45 as quoted
-  from the paper in the authors' issue tracker, and the AA and CIFAR-100 values as the project's DESIGN.md
-  §1 states them. Values not read from a primary source are listed in `unchecked`; reports mark them "*".
-  Add the other rows of Tables 1, 2, 4 and 5 here, with their page, once read from the paper itself.
+  Finetuning?", NeurIPS 2021, arXiv:2111.01124. The paper's tables (1, 2, 4, 5) have still not been read: its
+  text is among the stored pages of the project's search tool (the ar5iv HTML,
+  https://ar5iv.labs.arxiv.org/html/2111.01124, and the SPIQA data set's raw LaTeX of 2111.01124v1), but that
+  tool answers with each page's opening only (title, abstract, start of the introduction), never the tables,
+  whatever the query. So only AdvCL's own SLF rows are here: CIFAR-10 SA 80.85 / RA 50.45 as quoted from the
+  paper in the authors' issue tracker, and the AA and CIFAR-100 values as the project's DESIGN.md §1 states
+  them. Values not read from a primary source are listed in `unchecked`; reports mark them "*". Add the other
+  rows of Tables 1, 2, 4 and 5 here, with their page, once read from the paper itself (e.g. the PDF).
 - "leaderboard": the RobustSSL benchmark (https://robustssl.github.io/, the address its model zoo's README,
   GodXuxilie/RobustSSL_Benchmark, gives; the numbers read from the data files of the GitHub repository
   RobustSSL/RobustSSL.github.io, leaderboard/<pretrain>-<downstream>-<mode>.js at the commit named in each
