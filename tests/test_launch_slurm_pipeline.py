@@ -1,6 +1,7 @@
 """tools/submit.py on the local SLURM cluster (tests/slurm_jobs.py): the chained pipeline with every stage
 (finetuning and evaluation too) as a 2-node job, and a sweep as job arrays + tools/report.py."""
 import json
+import re
 import subprocess
 import sys
 
@@ -61,7 +62,9 @@ def test_sweep_runs_as_job_arrays_and_report_tabulates_it(pipeline_run, tmp_path
     assert lines[0].startswith("| run | pseudo.ks | method | finetune | dataset | SA | RA | AA |")
     assert lines[2].startswith("| 00-ks=10/advcl-slf | [10] | advcl | SLF | digits |")
     assert lines[3].startswith("| 01-ks=2,10,50/advcl-slf | [2,10,50] | advcl | SLF | digits |")
-    assert len(lines) == 4 and (tmp_path / "report.csv").is_file()
+    assert re.search(r"\| advcl \| SLF \| digits \| \d+\.\d\d \(\d+\.\d\d–\d+\.\d\d\) \|", lines[2])  # SA (Wilson)
+    assert len(lines) == 6 and lines[5].startswith("(low–high) = Wilson 95 % interval")
+    assert (tmp_path / "report.csv").is_file()
 
 
 def test_a_mini_table1_sweep_runs_on_slurm_and_renders_in_the_papers_layout(slurm, tmp_path):
