@@ -221,7 +221,8 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def write_summary(rows: list[dict], root: Path, cfg: Config | None = None, device="cpu") -> None:
-    """summary.md / summary.json, and with `cfg.pipeline.figures` the figures (summary_figures.py) it links."""
+    """summary.md / summary.json: the table with intervals, the pipeline's method against each other one on the
+    same images (report_compare.py), and with `cfg.pipeline.figures` the figures (summary_figures.py) it links."""
     table = summary_table(rows)
     note = ""
     if rows:
@@ -237,6 +238,11 @@ def write_summary(rows: list[dict], root: Path, cfg: Config | None = None, devic
 
         written = write_figures(rows, root, cfg, cfg.pipeline.tsne_n, device)
         figures = "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in written)
-    write_text(f"# Results — {root}\n\n{table}\n{note}{figures}", root / "summary.md")
+    paired = ""
+    if len({r["method"] for r in rows}) > 1:
+        from .report_compare import against_main
+
+        paired = "\n" + against_main(root, rows[0]["method"])
+    write_text(f"# Results — {root}\n\n{table}\n{note}{paired}{figures}", root / "summary.md")
     write_json({"rows": rows, "written": now()}, root / "summary.json")
     print(table, end="", flush=True)

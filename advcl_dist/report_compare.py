@@ -211,3 +211,36 @@ def compare_section(root: Path, columns: list[str], rows: list[dict], a: str, b:
                 **{k: v for m in METRICS for k, v in _difference_numbers(line[m], m).items()}} for line in lines]
     number_columns = [*keys, "kind", "run_A", "run_B", *(k for m in METRICS for k in _difference_numbers(None, m))]
     return section, csv_text(number_columns, numbers)
+
+
+def against_main(root: Path, main: str) -> str:
+    """A pipeline summary's paired comparisons, one row per other method and finetuning mode: the pipeline's own
+    method `main` minus that method on the same images (difference, 95 % interval, McNemar p); a line saying why
+    instead of a row that cannot be computed (a run without flags.npz)."""
+    from .report import gather
+
+    columns, rows = gather(root)
+    if not any(r["method"] == main for r in rows):
+        return ""
+    lines = ["| A − B | finetune | SA | RA | AA |", "|---|---|---:|---:|---:|"]
+    problems = []
+    for other in dict.fromkeys(str(r["method"]) for r in rows if r["method"] != main):
+        try:
+            _, pairs = pair_runs(columns, rows, main, other)
+            for row_a, row_b in pairs:
+                result = compare_runs(root, row_a, row_b)
+                cells = [_short(result[m]) for m in METRICS]
+                lines.append(f"| {main} − {other} | {row_a['finetune']} | " + " | ".join(cells) + " |")
+        except ConfigError as e:
+            problems.append(f"- {main} − {other}: not computed ({e})")
+    if len(lines) == 2 and not problems:
+        return ""
+    return (f"{COMPARE_TITLE}s on the same test images\n\nA − B in points, Newcombe's paired 95 % interval, exact "
+            "McNemar p (tools/report.py --compare A B gives the counts).\n\n" + "\n".join(lines) + "\n"
+            + "".join(f"{p}\n" for p in problems))
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        return f"{value['difference']:+.2f} ({value['low']:+.2f} to {value['high']:+.2f}), p = {value['p_value']:.2g}"
+    return value or "—"

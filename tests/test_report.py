@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from advcl_dist.config_schema import ConfigError
-from advcl_dist.pipeline import summary_table
+from advcl_dist.pipeline import summary_table, write_summary
 from advcl_dist.report import write_report
+from advcl_dist.report_compare import against_main
 from tests.test_stats import HAND_A, HAND_B, newcombe_reference, wilson_by_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,3 +223,24 @@ def test_a_method_swept_as_train_method_pairs_with_the_baseline_of_its_own_pipel
     compare = section(write_report(tmp_path, ("advcl", "simclr"))[0], "## Paired comparison")
     (line,) = markdown_rows(compare, "SLF")
     assert line[2:4] == ["00-method=advcl/advcl-slf", "00-method=advcl/simclr-slf"]
+
+
+def test_a_pipeline_summary_pairs_its_method_with_every_other_one(tmp_path):
+    """pipeline.write_summary's section: the hand-counted example as advcl − simclr, and a run without flags
+    named instead of compared."""
+    rng = np.random.default_rng(4)
+    hand = {"advcl": HAND_A, "simclr": HAND_B}
+    for method in ("advcl", "simclr", "rocl"):
+        flags = {"clean": np.array(hand.get(method, rng.random(N) < 0.5), bool), "robust": rng.random(N) < 0.3,
+                 "autoattack": rng.random(len(AA_INDEX)) < 0.3}
+        write_run(tmp_path / f"{method}-slf", method, flags)
+    (tmp_path / "rocl-slf" / "flags.npz").unlink()
+    rows = [{**json.loads((tmp_path / f"{m}-slf" / "results.json").read_text()),
+             "attack": {"pgd_steps": 20, "eps_255": 8.0}} for m in ("advcl", "simclr", "rocl")]
+    write_summary(rows, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    (line,) = markdown_rows(text, "advcl − simclr")
+    assert line[1] == "SLF" and line[2] == "+20.00 ({low:+.2f} to {high:+.2f}), p = 0.62".format(
+        **newcombe_reference(HAND_A, HAND_B))
+    assert "- advcl − rocl: not computed (" in text and "rocl-slf/flags.npz is missing" in text
+    assert against_main(tmp_path, "nobody") == ""
