@@ -87,8 +87,13 @@ def _bars(ax, rows: list[dict]) -> None:
     for j, metric in enumerate(metrics):
         values = [np.nan if r.get(metric) is None else r[metric] for r in rows]
         positions = np.arange(len(rows)) + (j - 1) * width
-        bars = ax.bar(positions, values, width, label=metric, color=f"C{j}")
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        # the 95 % Wilson interval as an error bar where the evaluation recorded one (results.json "intervals")
+        spans = [(r.get("intervals") or {}).get(metric) for r in rows]
+        errors = np.array([[v - s["low"], s["high"] - v] if s and v == v else [np.nan, np.nan]
+                           for v, s in zip(values, spans)]).T
+        bars = ax.bar(positions, values, width, label=metric, color=f"C{j}",
+                      yerr=errors if np.isfinite(errors).any() else None, capsize=2, error_kw={"lw": 0.8})
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(np.arange(len(rows)))
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("accuracy (%)")
@@ -96,7 +101,8 @@ def _bars(ax, rows: list[dict]) -> None:
     ax.legend(fontsize=7)
     if rows:
         a = rows[0]["attack"]
-        ax.set_title(f"SA / RA (PGD-{a['pgd_steps']}) / AA, ε = {a['eps_255']:.3g}/255", fontsize=9)
+        ax.set_title(f"SA / RA (PGD-{a['pgd_steps']}) / AA, ε = {a['eps_255']:.3g}/255 (whiskers: 95 % Wilson)",
+                     fontsize=9)
 
 
 def plot_summary(rows: list[dict], curves: list[tuple[str, dict]], tsne: list[tuple[str, np.ndarray, np.ndarray]],
