@@ -320,3 +320,9 @@ def test_finetuning_and_evaluation_from_betons_match_the_torchvision_run(tmp_pat
     assert all(np.array_equal(flags[0][k], flags[1][k]) for k in ("clean", "robust"))
     results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("tv", "ffcv")]
     assert results[0]["SA"] == results[1]["SA"] and results[0]["n_test"] == results[1]["n_test"] == 360
+    # the AutoAttack sample reads a beton's labels from its header: the same images as from the torchvision set
+    from advcl_dist.aa_subset import source_labels
+    from advcl_dist.data.source import finetune_data, image_source
+
+    beton_images = image_source(finetune_data(tiny_cfg(tmp_path / "x"), "test", str(betons["test"])))
+    np.testing.assert_array_equal(source_labels(beton_images), get_dataset("digits", "test").labels.numpy())
