@@ -227,3 +227,13 @@ def test_a_sweep_over_seeds_makes_one_point_per_seed_and_refuses_seeds_in_overri
     sweep.write_text("config: configs/demo.yaml\noverrides: {train.seed: [0, 1]}\ngrid: {data.name: [digits]}\n")
     assert main(["--dry-run", "--sweep", str(sweep), "--output", str(tmp_path / "o")]) == 2
     assert "list them under grid: (train.seed: [0, 1, 2])" in capsys.readouterr().err
+
+
+def test_a_task_runs_no_more_threads_than_the_cores_it_may_use(monkeypatch):
+    from advcl_dist.launch.job import task_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))  # this 2-core machine
+    assert task_threads(10, "debug", 1) == 2 and task_threads(10, "local", 2) == 1 and task_threads(10, "local", 4) == 1
+    assert task_threads(10, "slurm", 1) == 2  # SLURM bound the task to 2 CPUs
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert task_threads(10, "slurm", 8) == 10 and task_threads(4, "local", 2) == 4 and task_threads(10, "local", 2) == 8
