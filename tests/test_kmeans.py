@@ -217,3 +217,20 @@ def test_bench_inertia_is_the_float64_sum_over_nearest_centroids():
     d = ((x[:, None].astype(np.float64) - x[None, :5].astype(np.float64)) ** 2).sum(-1)
     assert value == pytest.approx(d.min(1).sum(), rel=1e-6)
     assert sizes == np.bincount(d.argmin(1), minlength=5).tolist()
+
+
+def test_bench_faiss_from_our_start_ends_at_our_inertia(tmp_path):
+    """`tools/bench.py kmeans`'s faiss-our-start row runs faiss's Lloyd iterations from our k-means++ centroids:
+    the same start and the same updates, so the same inertia as ours (up to float32 sums), while faiss
+    from its own random start may end elsewhere."""
+    import argparse
+
+    from advcl_dist.bench import kmeans as bench
+
+    args = argparse.Namespace(rows=6000, dim=16, centres=40, seed=3, ks=[5, 40], iters=10, procs=[1],
+                              device="cpu", cache=str(tmp_path), faiss=True, sklearn=False, json=None)
+    report = bench.main(args)
+    assert set(report["runs"]) == {"ours-1p", *bench.FAISS_RUNS}
+    for k in ("5", "40"):
+        assert abs(report["ours_1p_vs_faiss"]["inertia_same_start"][k]) < 1e-5
+        assert report["runs"]["faiss-our-start"]["stats"][k]["iterations"] == 10

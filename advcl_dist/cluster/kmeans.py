@@ -54,12 +54,7 @@ def fit_kmeans(x, k: int, iters: int = 20, seed: int = 0, init: str = "kmeans++"
         raise ValueError(f"k-means with K={k} needs 1 <= K <= the number of rows ({total})")
     if init not in INITS:
         raise ValueError(f"k-means init {init!r} is not one of {list(INITS)}")
-    generator = torch.Generator().manual_seed(seed)
-    if init == "random":
-        centroids = _rows_at(x, offset, torch.randperm(total, generator=generator)[:k])
-    else:
-        sample = _rows_at(x, offset, torch.randperm(total, generator=generator)[:min(total, init_sample_per_k * k)])
-        centroids = _kmeans_plusplus(sample, k, seed)
+    centroids = initial_centroids(x, offset, total, k, seed, init, init_sample_per_k)
     norms = torch.linalg.vector_norm(x, dim=1).square()  # for the near-tie test, once rather than per pass
     shift = _fixed_point_shift(x, total)
     totals = torch.zeros(k, x.shape[1] + 1, dtype=torch.int64, device=x.device)  # fixed-point sums | counts
@@ -88,6 +83,17 @@ def fit_kmeans(x, k: int, iters: int = 20, seed: int = 0, init: str = "kmeans++"
     stats[k] = row_distances(x, centroids, labels).float().double().sum()
     _all_reduce(stats)
     return KMeansResult(centroids, labels, float(stats[k]), [int(s) for s in stats[:k].tolist()], reseeded, done)
+
+
+def initial_centroids(x: torch.Tensor, offset: int, total: int, k: int, seed: int, init: str = "kmeans++",
+                      init_sample_per_k: int = 256) -> torch.Tensor:
+    """The starting centroids [k, D] (the same on every rank): `k` rows drawn by global index, or greedy
+    k-means++ over a drawn sample of `init_sample_per_k`·k rows. tools/bench.py starts faiss from them too."""
+    generator = torch.Generator().manual_seed(seed)
+    if init == "random":
+        return _rows_at(x, offset, torch.randperm(total, generator=generator)[:k])
+    sample = _rows_at(x, offset, torch.randperm(total, generator=generator)[:min(total, init_sample_per_k * k)])
+    return _kmeans_plusplus(sample, k, seed)
 
 
 def _fixed_point_shift(x: torch.Tensor, total: int) -> int:
