@@ -29,7 +29,7 @@ def test_kmeans_bench_small(tmp_path):
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report == json.loads((tmp_path / "kmeans.json").read_text())
     assert report["bench"] == "kmeans" and report["rows"] == 3000 and report["ks"] == [2, 10]
-    assert set(report["runs"]) == {"ours-1p", "ours-2p", "faiss", "faiss-sampled", "sklearn"}
+    assert set(report["runs"]) == {"ours-1p", "ours-2p", "faiss", "faiss-sampled", "faiss-our-start", "sklearn"}
     for run in report["runs"].values():
         assert run["seconds"] > 0 and set(run["stats"]) == {"2", "10"}
         for k in ("2", "10"):
