@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from ranks import free_port
 
+import advcl_dist.data.augment as augment
 from advcl_dist.config import load_config
 from advcl_dist.data import get_dataset
 from advcl_dist.engine import Trainer
@@ -26,26 +28,39 @@ BASE = ["data.name=digits", "data.workers=0", "train.device=cpu", "model.width=4
         "model.init=torch"]
 # 360 digits test images in 52 blocks of 7 (the last one 3): 26 + 26 blocks on 2 ranks, 18 + 17 + 17 on 3.
 # AutoAttack on a class-stratified 14: 2 blocks of 7, so on 3 ranks one rank has no AutoAttack block.
-# ε = 8/255: PGD-3 (steps of 2/255) breaks most correct images, not all. eval.aa_seed=34: the sample in which
-# AutoAttack breaks images PGD-3 does not (measured with torch 2.14.1: of the 360, the classifier gets 55 right,
-# PGD-3 leaves 39, AutoAttack 33; seed 34's 14 hold 5 right, 3 left by PGD-3, 1 by AutoAttack).
-EVAL = ["attack.eval_steps=3", "attack.eps=0.0314", "eval.batch_size=7", "eval.aa_n=14", "eval.aa_seed=34"]
+# ε = 8/255: PGD-3 (steps of 2/255) breaks some correct images, not all. eval.aa_seed=69: the sample in which
+# AutoAttack breaks most images PGD-3 does not (measured with torch 2.14.1 on the float64 classifier below, AA on
+# all 360, 14 min: the classifier gets 68 right, PGD-3 leaves 56, AutoAttack 47; seed 69's 14 hold 4 right,
+# 4 left by PGD-3, 1 by AutoAttack; the best of seeds 0-199).
+EVAL = ["attack.eval_steps=3", "attack.eps=0.0314", "eval.batch_size=7", "eval.aa_n=14", "eval.aa_seed=69"]
 N_TEST, BLOCKS, AA_N, AA_BLOCKS = 360, 52, 14, 2
 
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    """One epoch of SimCLR (11 steps of 128), then one epoch of AFF (TRADES with PGD-2): SA ~30% on digits.
+    """One epoch of SimCLR (11 steps of 128), then one epoch of AFF (TRADES with PGD-2): SA 19% on digits.
 
     AFF rather than SLF: the encoder's BN statistics after a few pretraining steps make its frozen
     features too large for a linear head to learn from in an epoch."""
     root = tmp_path_factory.mktemp("classifier")
-    Trainer(load_config(None, [f"out_dir={root / 'simclr'}", "train.method=simclr", *BASE, "train.batch_size=128",
-                               "train.epochs=1", "optim.warmup_epochs=0", "optim.lr=0.1"])).fit()
-    return finetune(load_config(None, [f"out_dir={root / 'aff'}", *BASE, f"finetune.checkpoint={root / 'simclr'}"
-                                       "/checkpoint.pt", "finetune.mode=aff", "finetune.epochs=1",
-                                       "finetune.batch_size=128", "attack.supervised_steps=2"]),
-                    evaluate_after=False)
+    # float64 on one thread: in float32 the sign steps of AFF's PGD turn last-bit differences between CPUs' kernels
+    # (AVX2 / AVX-512) and thread counts into another classifier, and the calibration above into luck.
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(augment, "to_float", lambda images: images.to(torch.float64) / 255.0)
+        torch.set_default_dtype(torch.float64)
+        torch.set_num_threads(1)
+        try:
+            Trainer(load_config(None, [f"out_dir={root / 'simclr'}", "train.method=simclr", *BASE,
+                                       "train.batch_size=128", "train.epochs=1", "optim.warmup_epochs=0",
+                                       "optim.lr=0.1"])).fit()
+            return finetune(load_config(None, [f"out_dir={root / 'aff'}", *BASE, "finetune.mode=aff",
+                                               f"finetune.checkpoint={root / 'simclr'}/checkpoint.pt",
+                                               "finetune.epochs=1", "finetune.batch_size=128",
+                                               "attack.supervised_steps=2"]), evaluate_after=False)
+        finally:
+            torch.set_default_dtype(torch.float32)
+            torch.set_num_threads(threads)
 
 
 def evaluate(nproc, out_dir, checkpoint):
@@ -121,7 +136,7 @@ def test_the_flags_are_worth_comparing(runs):
     assert results["attack"]["autoattack"] == "standard" and results["attack"]["aa_n"] == AA_N
     subset = results["aa_subset"]
     assert {k: subset[k] for k in ("n", "rule", "seed", "file", "classes")} == {
-        "n": AA_N, "rule": "stratified", "seed": 34, "file": None, "classes": int((counts > 0).sum())}
+        "n": AA_N, "rule": "stratified", "seed": 69, "file": None, "classes": int((counts > 0).sum())}
     assert subset["sha256"] == hashlib.sha256(chosen.astype("<i8").tobytes()).hexdigest()
     assert (subset["SA"], subset["RA"], subset["AA"]) == (round(100 * clean[chosen].mean(), 2),
                                                            round(100 * robust[chosen].mean(), 2), results["AA"])
