@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from float64 import use_float64
 from ranks import run_ranks
 from unsafe_files import Payload
 
@@ -54,10 +55,7 @@ def train_float64(overrides, stop=STEPS):
     ReLUs whose input is ~0, and a tiny network amplifies that within steps; float64 leaves only
     rounding differences (measured ~1e-13 after 2 steps), so equality can be tested tightly.
     """
-    import advcl_dist.data.augment as augment
-
-    torch.set_default_dtype(torch.float64)
-    augment.to_float = lambda images: images.to(torch.float64) / (255.0 if images.dtype == torch.uint8 else 1.0)
+    use_float64()
     return train(overrides, stop)
 
 

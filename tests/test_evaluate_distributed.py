@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from float64 import float64_on_one_thread
 from ranks import free_port
 
-import advcl_dist.data.augment as augment
 from advcl_dist.config import load_config
 from advcl_dist.data import get_dataset
 from advcl_dist.engine import Trainer
@@ -45,22 +44,13 @@ def classifier(tmp_path_factory):
     root = tmp_path_factory.mktemp("classifier")
     # float64 on one thread: in float32 the sign steps of AFF's PGD turn last-bit differences between CPUs' kernels
     # (AVX2 / AVX-512) and thread counts into another classifier, and the calibration above into luck.
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(augment, "to_float", lambda images: images.to(torch.float64) / 255.0)
-        torch.set_default_dtype(torch.float64)
-        torch.set_num_threads(1)
-        try:
-            Trainer(load_config(None, [f"out_dir={root / 'simclr'}", "train.method=simclr", *BASE,
-                                       "train.batch_size=128", "train.epochs=1", "optim.warmup_epochs=0",
-                                       "optim.lr=0.1"])).fit()
-            return finetune(load_config(None, [f"out_dir={root / 'aff'}", *BASE, "finetune.mode=aff",
-                                               f"finetune.checkpoint={root / 'simclr'}/checkpoint.pt",
-                                               "finetune.epochs=1", "finetune.batch_size=128",
-                                               "attack.supervised_steps=2"]), evaluate_after=False)
-        finally:
-            torch.set_default_dtype(torch.float32)
-            torch.set_num_threads(threads)
+    with float64_on_one_thread():
+        Trainer(load_config(None, [f"out_dir={root / 'simclr'}", "train.method=simclr", *BASE, "train.batch_size=128",
+                                   "train.epochs=1", "optim.warmup_epochs=0", "optim.lr=0.1"])).fit()
+        return finetune(load_config(None, [f"out_dir={root / 'aff'}", *BASE, "finetune.mode=aff",
+                                           f"finetune.checkpoint={root / 'simclr'}/checkpoint.pt", "finetune.epochs=1",
+                                           "finetune.batch_size=128", "attack.supervised_steps=2"]),
+                        evaluate_after=False)
 
 
 def evaluate(nproc, out_dir, checkpoint):

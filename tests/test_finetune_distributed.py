@@ -2,6 +2,7 @@
 against DDP, and a global batch that does not split over the ranks."""
 import pytest
 import torch
+from float64 import use_float64
 from ranks import run_ranks
 
 from advcl_dist.config import ConfigError, load_config
@@ -40,14 +41,6 @@ def ft(out_dir, pretrained, mode, *extra):
     return [f"out_dir={out_dir}", "data.name=digits", "data.workers=0", "train.device=cpu", "train.log_every=1",
             f"finetune.checkpoint={pretrained}", f"finetune.mode={mode}", "finetune.batch_size=64",
             "finetune.epochs=1", "attack.supervised_steps=2", *extra]
-
-
-def use_float64():
-    """The network, its loaded weights and the views in float64 (see test_engine_distributed.train_float64)."""
-    import advcl_dist.data.augment as augment
-
-    torch.set_default_dtype(torch.float64)
-    augment.to_float = lambda images: images.to(torch.float64) / (255.0 if images.dtype == torch.uint8 else 1.0)
 
 
 def key_pgd_starts_by_image():
